@@ -1,0 +1,79 @@
+"""YAML configs checked against the typed job functions they feed.
+
+A job is one typed function whose keyword defaults are the truth; its YAML holds only what differs.
+`check_section` rejects any key the function does not take, naming it and the keys it does take.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown key, wrong type, missing file or column."""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping is a ConfigError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def keyword_names(fn: Callable) -> list[str]:
+    """The keyword parameters a job function takes."""
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+
+def check_keys(section: dict[str, Any], allowed: list[str], where: str) -> dict[str, Any]:
+    """Raise a ConfigError for the first key of `section` not in `allowed`."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(section).__name__}")
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(allowed))}")
+    return section
+
+
+def check_section(section: dict[str, Any] | None, fn: Callable, where: str, exclude=()) -> dict[str, Any]:
+    """Keys of `section` checked against the keywords of `fn` (less `exclude`, which the job sets)."""
+    allowed = [k for k in keyword_names(fn) if k not in exclude]
+    return dict(check_keys(section or {}, allowed, where))
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """['download.thread_count=8', 'name=x'] → nested dict, values parsed as YAML scalars."""
+    result: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted, raw = item.split("=", 1)
+        node = result
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw else None
+    return result
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

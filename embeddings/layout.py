@@ -1,0 +1,49 @@
+"""Where a data set's files live: one home for the folder names of the contract.
+
+    data/<name>/urls.parquet       URL list (url, caption, split, passthrough columns)
+    data/<name>/source/            files served by the local HTTP server (synthetic source)
+    data/<name>/shards/            webdataset tars NNNNN.tar + img2dataset's NNNNN.parquet, NNNNN_stats.json
+    data/<name>/download.json      summary of the download job
+    data/<name>/embeddings/        NNNNN.parquet per tar + _manifest.json
+    data/<name>/index/             faiss indices, ids, index.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths of one data set under `root` (= data/<name>)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, name: str, data_root: str | Path = "data") -> "DataLayout":
+        return cls(Path(data_root) / name)
+
+    @property
+    def urls(self) -> Path:
+        return self.root / "urls.parquet"
+
+    @property
+    def source(self) -> Path:
+        return self.root / "source"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def download_summary(self) -> Path:
+        return self.root / "download.json"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"

@@ -1,0 +1,85 @@
+"""Data set configs (configs/data/*.yaml): one file names a data set and configures its jobs.
+
+    name: synthetic              # → data/<name>/
+    data_root: data              # optional
+    url_list: path/to/urls.parquet   # a real URL list; default: data/<name>/urls.parquet (make data)
+    samples_per_shard: 500       # shared by the source and the download, so splits align with shards
+    synthetic: {...}             # make data: keywords of pipelines.synthetic.generate
+    download: {...}              # make download: keywords of pipelines.download.download
+
+Every key is checked when the file is loaded; an unknown key, a missing URL list or a missing
+column is a ConfigError that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from embeddings.config import ConfigError, check_keys, check_section, load_yaml, merge, parse_overrides
+from embeddings.layout import DataLayout
+from pipelines import download as download_job
+from pipelines import synthetic
+
+# Keywords the job sets itself from the data config, so they may not appear in a section.
+_SET_BY_JOB = ("output_dir", "url_list", "samples_per_shard", "summary_path", "serve_root")
+
+
+@dataclass
+class DataConfig:
+    """A validated data set config."""
+
+    name: str
+    data_root: str = "data"
+    url_list: str | None = None
+    samples_per_shard: int = 500
+    synthetic: dict[str, Any] | None = None
+    download: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout.of(self.name, self.data_root)
+
+    @property
+    def url_list_path(self) -> Path:
+        return Path(self.url_list) if self.url_list else self.layout.urls
+
+
+def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:
+    """Load and validate a data config; `overrides` are 'key.sub=value' strings applied on top."""
+    raw = merge(load_yaml(path), parse_overrides(overrides))
+    check_keys(raw, [f.name for f in fields(DataConfig)], str(path))
+    if not raw.get("name"):
+        raise ConfigError(f"{path}: missing key 'name' (the data set's folder under data/)")
+    if raw.get("synthetic") is not None:
+        check_section(raw["synthetic"], synthetic.generate, f"{path}: synthetic", exclude=_SET_BY_JOB)
+    check_section(raw.get("download"), download_job.download, f"{path}: download", exclude=_SET_BY_JOB)
+    config = DataConfig(**raw)
+    if config.url_list is not None:
+        download_job.read_url_list(
+            config.url_list,
+            config.download.get("url_col", "url"),
+            config.download.get("caption_col", "caption"),
+        )
+    return config
+
+
+def run_data(config: DataConfig) -> dict:
+    """`make data`: render the synthetic source of this config."""
+    if config.synthetic is None:
+        raise ConfigError(f"data set {config.name!r} has no 'synthetic' section: nothing to render")
+    return synthetic.generate(config.layout.root, samples_per_shard=config.samples_per_shard, **config.synthetic)
+
+
+def run_download(config: DataConfig) -> dict:
+    """`make download`: download this config's URL list into data/<name>/shards/."""
+    if not config.url_list_path.is_file() and config.synthetic is not None:
+        raise ConfigError(f"URL list not found: {config.url_list_path}; run `make data` first")
+    return download_job.download(
+        config.url_list_path,
+        config.layout.shards,
+        samples_per_shard=config.samples_per_shard,
+        summary_path=config.layout.download_summary,
+        **config.download,
+    )

@@ -1,0 +1,159 @@
+"""`make data`: render the synthetic shapes source and write its img2dataset-ready URL list.
+
+Writes under data/<name>/:
+    source/images/sNNNNNNN.jpg   the images the local server serves (and the planned bad files)
+    source/source.json           what was planned: counts per split, the bad URLs and their kinds
+    urls.parquet                 url (relative to data/<name>/), caption, split, sample_id, attributes
+
+Rows are ordered val, heldout, train, and the first two are whole shards, so no shard mixes
+splits. Each sample has its own random generator seeded by (seed, index): the same seed gives
+byte-identical files whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from embeddings.layout import DataLayout
+from pipelines import shapes
+
+SPLITS = ("val", "heldout", "train")
+BAD_KINDS = ("404", "html", "truncated")
+_HTML_PAGE = b"<!doctype html><html><head><title>Moved</title></head><body>This page has moved.</body></html>\n"
+_COLUMNS = ("background", "n_objects", "shape", "colour", "size", "position", "shape_2", "colour_2", "size_2", "position_2")
+
+
+def plan_splits(n_samples: int, samples_per_shard: int, val_samples: int, heldout_samples: int) -> list[str]:
+    """Split of every row: val and heldout rounded up to whole shards, then train for the rest."""
+    whole = lambda n: math.ceil(n / samples_per_shard) * samples_per_shard  # noqa: E731
+    n_val, n_heldout = whole(val_samples), whole(heldout_samples)
+    n_train = n_samples - n_val - n_heldout
+    if n_train <= 0:
+        raise ValueError(
+            f"n_samples={n_samples} leaves no training samples after {n_val} val and {n_heldout} heldout "
+            f"(each rounded up to whole shards of {samples_per_shard})"
+        )
+    return ["val"] * n_val + ["heldout"] * n_heldout + ["train"] * n_train
+
+
+def plan_bad(n_samples: int, bad_fraction: float, seed: int) -> dict[int, str]:
+    """Row index → kind of planned failure ('404', 'html', 'truncated'), kinds in turn."""
+    n_bad = round(n_samples * bad_fraction)
+    rows = np.random.default_rng([seed, 0xBAD]).choice(n_samples, size=n_bad, replace=False)
+    return {int(row): BAD_KINDS[i % len(BAD_KINDS)] for i, row in enumerate(sorted(rows))}
+
+
+def sample_row(index: int, split: str, seed: int, two_object_fraction: float) -> tuple[shapes.Scene, str]:
+    """The scene and caption of row `index`, from its own generator."""
+    rng = np.random.default_rng([seed, index])
+    n_objects = 2 if split != "heldout" and rng.random() < two_object_fraction else 1
+    scene = shapes.sample_scene(rng, n_objects=n_objects, heldout=split == "heldout")
+    return scene, shapes.caption(scene, int(rng.integers(len(shapes.CAPTION_TEMPLATES))))
+
+
+def _attributes(scene: shapes.Scene) -> dict:
+    row = dict.fromkeys(_COLUMNS)
+    row["background"], row["n_objects"] = scene.background, len(scene.objects)
+    for i, obj in enumerate(scene.objects):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        for attr in ("shape", "colour", "size", "position"):
+            row[attr + suffix] = getattr(obj, attr)
+    return row
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _render_chunk(job: tuple) -> list[dict]:
+    """Render rows [start, stop) to files (bad rows as their planned failure); returns their URL rows."""
+    start, stop, splits, bad, seed, two_object_fraction, image_size, quality, root, prefix = job
+    rows = []
+    for index in range(start, stop):
+        split = splits[index - start]
+        scene, text = sample_row(index, split, seed, two_object_fraction)
+        url = f"{prefix}/{sample_id(index)}.jpg"
+        rows.append({"url": url, "caption": text, "split": split, "sample_id": sample_id(index), **_attributes(scene)})
+        path, kind = Path(root) / url, bad.get(index)
+        if kind == "404":
+            path.unlink(missing_ok=True)
+        elif kind == "html":
+            _write_atomic(path, _HTML_PAGE)
+        else:
+            data = shapes.encode_jpeg(shapes.render(scene, image_size), quality)
+            _write_atomic(path, data[: len(data) // 2] if kind == "truncated" else data)
+    return rows
+
+
+def sample_id(index: int) -> str:
+    """Stable id of a synthetic row: 's' and the zero-padded row index."""
+    return f"s{index:07d}"
+
+
+def generate(
+    output_dir: str | Path,
+    *,
+    n_samples: int = 10_000,
+    image_size: int = 64,
+    samples_per_shard: int = 500,
+    val_samples: int = 1_500,
+    heldout_samples: int = 500,
+    two_object_fraction: float = 0.2,
+    bad_fraction: float = 0.02,
+    seed: int = 0,
+    jpeg_quality: int = 95,
+    workers: int | None = None,
+) -> dict:
+    """Render the source into `output_dir` (= data/<name>) and write urls.parquet; returns the plan."""
+    layout = DataLayout(Path(output_dir))
+    images = layout.source / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    prefix = images.relative_to(layout.root).as_posix()  # URLs are relative to data/<name>/
+    splits = plan_splits(n_samples, samples_per_shard, val_samples, heldout_samples)
+    bad = plan_bad(n_samples, bad_fraction, seed)
+
+    chunk = 250
+    jobs = [
+        (s, min(s + chunk, n_samples), splits[s : s + chunk], {i: k for i, k in bad.items() if s <= i < s + chunk},
+         seed, two_object_fraction, image_size, jpeg_quality, str(layout.root), prefix)
+        for s in range(0, n_samples, chunk)
+    ]  # fmt: skip
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    rows: list[dict] = []
+    with tqdm(total=n_samples, desc="render", unit="img") as bar, ProcessPoolExecutor(workers) as pool:
+        for chunk_rows in pool.map(_render_chunk, jobs):
+            rows.extend(chunk_rows)
+            bar.update(len(chunk_rows))
+    table = pa.Table.from_pylist(rows, schema=_schema())
+    tmp = layout.urls.with_name("urls.parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, layout.urls)
+
+    plan = {
+        "n_samples": n_samples,
+        "image_size": image_size,
+        "samples_per_shard": samples_per_shard,
+        "seed": seed,
+        "splits": {s: splits.count(s) for s in SPLITS},
+        "bad": {sample_id(i): kind for i, kind in sorted(bad.items())},
+        "heldout_pairs": sorted(map(list, shapes.HELDOUT_PAIRS)),
+    }
+    _write_atomic(layout.source / "source.json", json.dumps(plan, indent=1, sort_keys=True).encode())
+    return plan
+
+
+def _schema() -> pa.Schema:
+    """Column types of urls.parquet: strings, and n_objects as int32."""
+    names = ["url", "caption", "split", "sample_id", *_COLUMNS]
+    return pa.schema([pa.field(n, pa.int32() if n == "n_objects" else pa.string()) for n in names])

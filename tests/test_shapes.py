@@ -1,0 +1,88 @@
+"""The vocabulary, renderer and pixel checker agree with each other, through JPEG."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import shapes
+from pipelines.shapes import Scene, ShapeObject
+
+
+def _jpeg_roundtrip(image: Image.Image) -> Image.Image:
+    return Image.open(io.BytesIO(shapes.encode_jpeg(image)))
+
+
+def test_vocabulary_is_as_large_as_promised():
+    assert len(shapes.SHAPES) >= 6 and len(shapes.COLOURS) == 8
+    assert len(shapes.SIZES) == 2 and len(shapes.POSITIONS) == 5 and len(shapes.BACKGROUNDS) >= 3
+
+
+def test_checker_reads_every_single_object_combination():
+    backgrounds = itertools.cycle(shapes.BACKGROUNDS)
+    wrong = []
+    for shape, colour, size, position in itertools.product(shapes.SHAPES, shapes.COLOURS, shapes.SIZES, shapes.POSITIONS):
+        background = next(b for b in backgrounds if colour in shapes.colours_allowed_on(b))
+        scene = Scene(background, (ShapeObject(shape, colour, size, position),))
+        image = _jpeg_roundtrip(shapes.render(scene, 64))
+        found = shapes.detect(image)
+        got = (found[0].shape, found[0].colour, found[0].size, found[0].position) if found else None
+        if got != (shape, colour, size, position) or shapes.detect_background(image) != background:
+            wrong.append(((shape, colour, size, position, background), got))
+    assert wrong == []
+
+
+def test_checker_says_no_to_other_attributes():
+    image = shapes.render(Scene("gray", (ShapeObject("circle", "red", "large", "top left"),)))
+    assert shapes.shows(image, colour="red", shape="circle", size="large", position="top left", background="gray")
+    assert not shapes.shows(image, colour="blue")
+    assert not shapes.shows(image, shape="square")
+    assert not shapes.shows(image, position="bottom right")
+    assert not shapes.shows(image, size="small")
+    assert not shapes.shows(image, background="white")
+    assert shapes.detect(Image.new("RGB", (64, 64), shapes.BACKGROUNDS["gray"])) == []
+
+
+def test_checker_finds_both_objects_of_sampled_two_object_scenes():
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        scene = shapes.sample_scene(rng, n_objects=2)
+        image = _jpeg_roundtrip(shapes.render(scene))
+        for obj in scene.objects:
+            assert shapes.shows(image, colour=obj.colour, shape=obj.shape, size=obj.size, position=obj.position), scene
+
+
+def test_attribute_accuracy_scores_each_attribute():
+    obj = ShapeObject("star", "cyan", "large", "center")
+    image = shapes.render(Scene("navy", (obj,)))
+    assert shapes.attribute_accuracy(image, obj) == dict.fromkeys(("colour", "shape", "size", "position"), True)
+    other = ShapeObject("star", "red", "large", "top left")
+    assert shapes.attribute_accuracy(image, other) == {"colour": False, "shape": True, "size": True, "position": False}
+
+
+def test_render_is_deterministic_and_sized():
+    scene = Scene("white", (ShapeObject("triangle", "blue", "small", "bottom left", 0.01, -0.02),))
+    a, b = shapes.render(scene, 48), shapes.render(scene, 48)
+    assert a.size == (48, 48) and a.tobytes() == b.tobytes()
+    assert shapes.encode_jpeg(a) == shapes.encode_jpeg(b)
+
+
+@pytest.mark.parametrize("heldout", [False, True])
+def test_sampler_keeps_heldout_pairs_apart(heldout):
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        scene = shapes.sample_scene(rng, n_objects=1 if heldout else 2, heldout=heldout)
+        for obj in scene.objects:
+            assert ((obj.colour, obj.shape) in shapes.HELDOUT_PAIRS) == heldout
+            assert obj.colour in shapes.colours_allowed_on(scene.background)
+
+
+def test_captions_name_the_attributes():
+    obj = ShapeObject("cross", "pink", "small", "center")
+    for template in range(len(shapes.CAPTION_TEMPLATES)):
+        text = shapes.caption(Scene("black", (obj,)), template)
+        assert all(word in text for word in ("cross", "pink", "small", "center", "black"))

@@ -1,0 +1,1 @@
+"""Lightning trainers, networks, diffusion and generation (filled in by the training issues)."""
