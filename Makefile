@@ -12,10 +12,14 @@ CONFIG ?= configs/data/synthetic.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup lock test test-all demo data download ingest bench-download clean
+CLIP_CONFIG ?= configs/clip/shapes.yaml
+K ?= 10
+
+.PHONY: help setup lock test test-all demo data download ingest embed index knn export-clip-retrieval \
+	import-clip-retrieval train-clip eval-clip train-prior sample-prior bench-download bench-embed clean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(STAMP) ## create .venv and install the project with pinned dependencies (FAISS=gpu for faiss-gpu)
 
@@ -39,9 +43,11 @@ test: setup ## run the default test suite (offline, CPU)
 test-all: setup ## run every test, the slow quality floors included
 	$(PY) -m pytest -m "not gpu"
 
-demo: setup ## every stage that exists, on the embedded default: data → download
-	$(MAKE) --no-print-directory data download CONFIG=$(CONFIG)
-	@echo "demo done: URL list data/synthetic/urls.parquet, shards data/synthetic/shards/, summary data/synthetic/download.json"
+demo: setup ## every stage that exists, on the embedded default: data → download → embed → index → eval-clip → knn
+	$(MAKE) --no-print-directory data download embed index eval-clip CONFIG=$(CONFIG)
+	$(MAKE) --no-print-directory knn CONFIG=$(CONFIG) QUERY="a large red circle in the center on a black background"
+	@echo "demo done: shards data/synthetic/shards/, embeddings data/synthetic/embeddings/, index data/synthetic/index/,"
+	@echo "           CLIP metrics outputs/clip-eval-synthetic.json, knn page outputs/knn/"
 
 data: setup ## render the synthetic source: data/<name>/urls.parquet and source/ (CONFIG=configs/data/...)
 	$(PY) -m pipelines data --config $(CONFIG)
@@ -52,6 +58,42 @@ download: setup ## download the config's URL list with img2dataset on Ray into d
 ingest: setup ## shard a local folder of images with <stem>.txt captions: FOLDER=path [NAME=name]
 	@test -n "$(FOLDER)" || { echo "usage: make ingest FOLDER=path/to/images [NAME=name]"; exit 2; }
 	$(PY) -m pipelines ingest --folder "$(FOLDER)" $(if $(NAME),--name "$(NAME)")
+
+embed: setup ## CLIP-embed the shards into data/<name>/embeddings/ (default CLIP: models/synthetic/clip)
+	$(PY) -m pipelines embed --config $(CONFIG)
+
+index: setup ## faiss image and text indices over the embeddings into data/<name>/index/
+	$(PY) -m pipelines index --config $(CONFIG)
+
+knn: setup ## nearest neighbours: QUERY="text" or IMAGE=path or KEY=key [K=10 KIND=image|text]; prints a table and an HTML page
+	@test -n "$(QUERY)$(IMAGE)$(KEY)" || { echo 'usage: make knn QUERY="a red circle" | IMAGE=path | KEY=key'; exit 2; }
+	$(PY) -m pipelines knn --config $(CONFIG) -k $(K) $(if $(KIND),--kind $(KIND)) \
+		$(if $(QUERY),--query "$(QUERY)") $(if $(IMAGE),--image "$(IMAGE)") $(if $(KEY),--key "$(KEY)")
+
+export-clip-retrieval: setup ## write the embeddings in clip-retrieval's layout to data/<name>/clip_retrieval/ [OUT=dir]
+	$(PY) -m pipelines export-clip-retrieval --config $(CONFIG) $(if $(OUT),--out "$(OUT)")
+
+import-clip-retrieval: setup ## read a clip-retrieval folder SOURCE=dir into data/<name>/embeddings/
+	@test -n "$(SOURCE)" || { echo "usage: make import-clip-retrieval SOURCE=dir CONFIG=configs/data/NAME.yaml"; exit 2; }
+	$(PY) -m pipelines import-clip-retrieval --config $(CONFIG) --source "$(SOURCE)"
+
+train-clip: setup ## train the small CLIP of CLIP_CONFIG on its data set's shards; exports models/<name>/clip/
+	$(PY) -m training clip --config $(CLIP_CONFIG)
+
+PRIOR_CONFIG ?= configs/prior/small.yaml
+
+train-prior: setup ## train the diffusion prior of PRIOR_CONFIG on its data set's embeddings; exports models/<name>/prior/
+	$(PY) -m training prior --config $(PRIOR_CONFIG)
+
+sample-prior: setup ## PROMPT="..." (or PROMPTS=file): sampled CLIP image embeddings, their nearest indexed images, a .npy
+	@test -n "$(PROMPT)$(PROMPTS)" || { echo 'usage: make sample-prior PROMPT="a small red circle at the top left"'; exit 2; }
+	$(PY) -m training sample-prior --config $(PRIOR_CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)")
+
+eval-clip: setup ## zero-shot colour/shape accuracy and recall@10 of the val embeddings (after make embed)
+	$(PY) -m training clip-eval --config $(CONFIG)
+
+bench-embed: setup ## embed job samples/s vs bare encoder throughput (and clip-retrieval, see bench/embed.py)
+	$(PY) bench/embed.py --config $(CONFIG)
 
 bench-download: setup ## images/s of data + download on a fresh copy of the config's data set
 	$(PY) bench/download.py --config $(CONFIG)

@@ -77,3 +77,16 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def load_job_config(path: str | Path, overrides: list[str] | None, keys, required=(), sections=None) -> dict[str, Any]:
+    """A training job's YAML plus overrides: only `keys`, every `required` key, and each of
+    `sections` ({name: allowed keys}) checked in turn; errors name the file and the key."""
+    config = merge(load_yaml(path), parse_overrides(overrides))
+    check_keys(config, list(keys), str(path))
+    for key in required:
+        if key not in config:
+            raise ConfigError(f"{path}: missing key {key!r}")
+    for name, allowed in (sections or {}).items():
+        check_keys(config[name], list(allowed), f"{path}: {name}")
+    return config

@@ -6,6 +6,8 @@
     samples_per_shard: 500       # shared by the source and the download, so splits align with shards
     synthetic: {...}             # make data: keywords of pipelines.synthetic.generate
     download: {...}              # make download: keywords of pipelines.download.download
+    embed: {...}                 # make embed: keywords of pipelines.embed.embed (encoder: {model, ...})
+    index: {...}                 # make index: keywords of embeddings.index.build_indices
 
 Every key is checked when the file is loaded; an unknown key, a missing URL list or a missing
 column is a ConfigError that names it.
@@ -18,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from embeddings.config import ConfigError, check_keys, check_section, load_yaml, merge, parse_overrides
+from embeddings.encoders import EncoderSpec
 from embeddings.layout import DataLayout
+from embeddings import index as index_job
 from pipelines import download as download_job
+from pipelines import embed as embed_job
 from pipelines import synthetic
 
 # Keywords the job sets itself from the data config, so they may not appear in a section.
-_SET_BY_JOB = ("output_dir", "url_list", "samples_per_shard", "summary_path", "serve_root")
+_SET_BY_JOB = ("output_dir", "url_list", "samples_per_shard", "summary_path", "serve_root", "shards_dir",
+               "embeddings_dir", "index_dir")
 
 
 @dataclass
@@ -36,6 +42,8 @@ class DataConfig:
     samples_per_shard: int = 500
     synthetic: dict[str, Any] | None = None
     download: dict[str, Any] = field(default_factory=dict)
+    embed: dict[str, Any] = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layout(self) -> DataLayout:
@@ -55,6 +63,11 @@ def load_data_config(path: str | Path, overrides: list[str] | None = None) -> Da
     if raw.get("synthetic") is not None:
         check_section(raw["synthetic"], synthetic.generate, f"{path}: synthetic", exclude=_SET_BY_JOB)
     check_section(raw.get("download"), download_job.download, f"{path}: download", exclude=_SET_BY_JOB)
+    check_section(raw.get("embed"), embed_job.embed, f"{path}: embed", exclude=_SET_BY_JOB)
+    check_section(raw.get("index"), index_job.build_indices, f"{path}: index", exclude=_SET_BY_JOB)
+    encoder = (raw.get("embed") or {}).get("encoder")
+    if encoder is not None:
+        check_keys(encoder, list(EncoderSpec.__dataclass_fields__), f"{path}: embed.encoder")
     config = DataConfig(**raw)
     if config.url_list is not None:
         download_job.read_url_list(
@@ -83,3 +96,13 @@ def run_download(config: DataConfig) -> dict:
         summary_path=config.layout.download_summary,
         **config.download,
     )
+
+
+def run_embed(config: DataConfig) -> dict:
+    """`make embed`: embed data/<name>/shards/ into data/<name>/embeddings/."""
+    return embed_job.embed(config.layout.shards, config.layout.embeddings, **config.embed)
+
+
+def run_index(config: DataConfig) -> dict:
+    """`make index`: faiss indices over data/<name>/embeddings/ into data/<name>/index/."""
+    return index_job.build_indices(config.layout.embeddings, config.layout.index, **config.index)

@@ -46,3 +46,48 @@ def tiny_download(tiny_source, ray_local):
 
     config, plan = tiny_source
     return config, plan, run_download(config)
+
+
+TINY_CLIP = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+    text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny open_clip ViT with random weights, exported in open_clip's folder layout."""
+    import open_clip
+    import torch
+
+    from embeddings.encoders import save_clip_folder
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_CLIP)
+    return save_clip_folder(model, TINY_CLIP, tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_embed(tiny_download, tiny_clip_dir):
+    """The tiny download embedded once with the tiny CLIP: (config, manifest)."""
+    from dataclasses import replace
+
+    from pipelines.data_config import run_embed
+
+    config, _, _ = tiny_download
+    config = replace(config, embed={"encoder": {"model": str(tiny_clip_dir)}, "batch_size": 32})
+    return config, run_embed(config)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session (a killed job's driver, its Ray, its workers)."""
+    import signal
+
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

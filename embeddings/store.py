@@ -1,0 +1,137 @@
+"""The embedding shard contract: schema, atomic writes, per-shard records, the manifest, reads.
+
+    data/<name>/embeddings/NNNNN.parquet       one per data/<name>/shards/NNNNN.tar:
+        key (string), caption (string), image_embedding, text_embedding
+        (fixed_size_list<float16>[D], or float32 by config; L2-normalised), passthrough columns
+    data/<name>/embeddings/NNNNN_record.json   written after the parquet: rows written, skipped by reason
+    data/<name>/embeddings/_manifest.json      written by the driver alone: encoder, dtype, records
+
+A shard is done when its record exists. Files are written under a temporary name and renamed, so a
+killed job leaves either a whole shard or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embeddings.config import ConfigError
+
+EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+MANIFEST = "_manifest.json"
+RECORD_SUFFIX = "_record.json"
+_DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes under a temporary name, then rename into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write, keys sorted so reruns compare equal."""
+    write_atomic(Path(path), (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def vectors_to_arrow(vectors: np.ndarray, dtype: str = "float16") -> pa.FixedSizeListArray:
+    """(N, D) float array → fixed_size_list<dtype>[D]."""
+    arrow_type, numpy_type = _DTYPES[dtype]
+    n, dim = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=numpy_type).reshape(-1), type=arrow_type)
+    return pa.FixedSizeListArray.from_arrays(flat, dim)
+
+
+def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """fixed_size_list column → (N, D) numpy array in `dtype`."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)
+
+
+def shard_name(path: str | Path) -> str:
+    """'00012' for .../00012.tar or .../00012.parquet."""
+    return Path(path).name.split(".")[0]
+
+
+def write_shard(folder: Path, name: str, table: pa.Table, record: dict) -> None:
+    """Write one embedding shard, then its record (which marks it done)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, folder / f"{name}.parquet")
+    write_json(folder / f"{name}{RECORD_SUFFIX}", record)
+
+
+def done_shards(folder: Path) -> dict[str, dict]:
+    """Records of the finished shards, by shard name."""
+    return {
+        p.name.removesuffix(RECORD_SUFFIX): json.loads(p.read_text())
+        for p in sorted(Path(folder).glob(f"*{RECORD_SUFFIX}"))
+    }
+
+
+def shard_paths(folder: str | Path) -> list[Path]:
+    """The finished embedding shards of a folder, in name order."""
+    folder = Path(folder)
+    return [folder / f"{name}.parquet" for name in done_shards(folder)]
+
+
+def write_manifest(folder: Path, encoder: dict, dtype: str, records: dict[str, dict], complete: bool = True) -> dict:
+    """The driver's manifest: the encoder, the stored dtype, totals and every shard's record."""
+    manifest = {
+        "complete": complete,
+        "encoder": encoder,
+        "dim": encoder["dim"],
+        "dtype": dtype,
+        "normalized": True,
+        "shards": len(records),
+        "rows": sum(r["rows_written"] for r in records.values()),
+        "skipped": sum(sum(r["skipped"].values()) for r in records.values()),
+        "records": records,
+    }
+    write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of an embedding folder; a clear error when there is none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"no {MANIFEST} in {folder}: run `make embed` first")
+    return json.loads(path.read_text())
+
+
+def check_compatible(manifest: dict, encoder: dict) -> None:
+    """Raise when embeddings made by one encoder are to be used or extended with another."""
+    if manifest["dim"] != encoder["dim"]:
+        raise ConfigError(
+            f"embedding dim {manifest['dim']} in the manifest disagrees with the model's dim {encoder['dim']} "
+            f"({encoder.get('model')})"
+        )
+    if manifest["encoder"]["checksum"] != encoder["checksum"]:
+        raise ConfigError(
+            f"embeddings were made by another CLIP (checksum {manifest['encoder']['checksum'][:12]}…, "
+            f"model {manifest['encoder'].get('model')}); this one is {encoder['checksum'][:12]}… ({encoder.get('model')})"
+        )
+
+
+def read_table(folder: str | Path, columns: list[str] | None = None, filters=None, with_shard: bool = False) -> pa.Table:
+    """All finished shards of a folder as one table (some columns, pyarrow filters, a `shard` column)."""
+    paths = shard_paths(folder)
+    if not paths:
+        raise ConfigError(f"no finished embedding shards in {folder}: run `make embed` first")
+    tables = []
+    for path in paths:
+        table = pq.read_table(path, columns=columns, filters=filters)
+        if with_shard:
+            table = table.append_column("shard", pa.array([shard_name(path)] * table.num_rows, pa.string()))
+        tables.append(table)
+    return pa.concat_tables(tables, promote_options="default")

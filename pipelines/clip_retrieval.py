@@ -1,0 +1,107 @@
+"""clip-retrieval's layout, both ways, so the tools around it read our output and we read theirs.
+
+    <folder>/img_emb/img_emb_N.npy      (rows, D) image embeddings
+    <folder>/text_emb/text_emb_N.npy    (rows, D) text embeddings
+    <folder>/metadata/metadata_N.parquet   one row per embedding row: key, caption, passthrough columns
+
+The layout is positional: row r of img_emb_N is row r of metadata_N. Export writes our `key` into
+the metadata, so nothing is lost; import takes keys from there (and makes positional keys, with a
+warning, where a producer wrote none). N is our shard number, so file N is embedding shard NNNNN.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from embeddings import store
+from embeddings.config import ConfigError
+
+SUBFOLDERS = {"image_embedding": ("img_emb", "img_emb"), "text_embedding": ("text_emb", "text_emb")}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+def export_clip_retrieval(embeddings_dir: str | Path, output_dir: str | Path) -> dict:
+    """Write every finished embedding shard in clip-retrieval's layout; returns counts."""
+    output_dir = Path(output_dir)
+    manifest = store.read_manifest(embeddings_dir)
+    numpy_dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
+    for folder, _ in SUBFOLDERS.values():
+        (output_dir / folder).mkdir(parents=True, exist_ok=True)
+    (output_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    rows = 0
+    for path in tqdm(store.shard_paths(embeddings_dir), desc="export", unit="shard"):
+        n = int(store.shard_name(path))
+        table = pq.read_table(path)
+        for column, (folder, prefix) in SUBFOLDERS.items():
+            _save_npy(output_dir / folder / f"{prefix}_{n}.npy", store.arrow_to_vectors(table.column(column), numpy_dtype))
+        metadata = table.drop_columns(list(SUBFOLDERS))
+        tmp = output_dir / "metadata" / f".metadata_{n}.parquet.tmp"
+        pq.write_table(metadata, tmp)
+        tmp.replace(output_dir / "metadata" / f"metadata_{n}.parquet")
+        rows += table.num_rows
+    return {"shards": len(store.shard_paths(embeddings_dir)), "rows": rows, "dim": manifest["dim"]}
+
+
+def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
+    pattern = re.compile(rf"^{prefix}_(\d+){re.escape(suffix)}$")
+    return {int(m.group(1)): p for p in folder.glob(f"{prefix}_*{suffix}") if (m := pattern.match(p.name))}
+
+
+def import_clip_retrieval(source_dir: str | Path, output_dir: str | Path, *, encoder: dict | None = None,
+                          dtype: str = "float16") -> dict:  # fmt: skip
+    """Turn a clip-retrieval folder into embedding shards + manifest; returns the manifest.
+
+    `encoder` describes the CLIP that made the embeddings (model, checksum); give the same CLIP
+    the prior will be checked against. Vectors are L2-normalised again on the way in.
+    """
+    source_dir, output_dir = Path(source_dir), Path(output_dir)
+    images = _numbered(source_dir / "img_emb", "img_emb", ".npy")
+    texts = _numbered(source_dir / "text_emb", "text_emb", ".npy")
+    metadata = _numbered(source_dir / "metadata", "metadata", ".parquet")
+    if not images:
+        raise ConfigError(f"{source_dir}: no img_emb/img_emb_N.npy files (not a clip-retrieval folder?)")
+    missing = sorted(set(images) - set(texts)) or sorted(set(images) - set(metadata))
+    if missing:
+        raise ConfigError(f"{source_dir}: part {missing[0]} has img_emb but no text_emb or metadata; the prior needs both")
+    records, dim = {}, None
+    for n in tqdm(sorted(images), desc="import", unit="shard"):
+        z_i = np.load(images[n]).astype(np.float32)
+        z_t = np.load(texts[n]).astype(np.float32)
+        meta = pq.read_table(metadata[n])
+        if not (len(z_i) == len(z_t) == meta.num_rows):
+            raise ConfigError(f"{source_dir}: part {n} has {len(z_i)} image, {len(z_t)} text and {meta.num_rows} metadata rows")
+        dim = z_i.shape[1]
+        if "key" not in meta.column_names:
+            warnings.warn(f"metadata_{n}.parquet has no key column: keys made from the position", stacklevel=2)
+            meta = meta.append_column("key", pa.array([f"{n:05d}{r:06d}" for r in range(meta.num_rows)]))
+        if "caption" not in meta.column_names:
+            raise ConfigError(f"{source_dir}: metadata_{n}.parquet has no caption column")
+        z_i /= np.linalg.norm(z_i, axis=1, keepdims=True).clip(1e-12)
+        z_t /= np.linalg.norm(z_t, axis=1, keepdims=True).clip(1e-12)
+        table = pa.table({
+            "key": meta.column("key").cast(pa.string()),
+            "caption": meta.column("caption").cast(pa.string()),
+            "image_embedding": store.vectors_to_arrow(z_i, dtype),
+            "text_embedding": store.vectors_to_arrow(z_t, dtype),
+        })  # fmt: skip
+        for name in meta.column_names:
+            if name not in table.column_names:
+                table = table.append_column(name, meta.column(name))
+        name = f"{n:05d}"
+        records[name] = {"shard": name, "rows_written": table.num_rows, "skipped": {}, "imported_from": str(source_dir)}
+        store.write_shard(output_dir, name, table, records[name])
+    info = {"model": None, "checksum": f"unknown (imported from {source_dir})", **(encoder or {}), "dim": dim, "normalized": True}
+    return store.write_manifest(output_dir, info, dtype, records)

@@ -1,0 +1,192 @@
+"""`make embed`: webdataset shards → CLIP embedding shards (Parquet), one per tar, on Ray.
+
+The shard is the unit of work, retry and resume. A pool of Ray actors each loads the encoder once
+(GPU actors where GPUs exist, CPU otherwise) and embeds whole shards: it reads the tar, decodes and
+preprocesses images in a thread pool while the previous batch is encoded, embeds images and captions
+in batches, and writes the shard's parquet and then its record (store.write_shard). A sample whose
+image cannot be decoded is skipped and counted with its reason. Finished shards are skipped on a
+rerun; only the driver writes `_manifest.json`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from embeddings import store
+from embeddings.config import ConfigError
+from embeddings.encoders import EncoderSpec, load_encoder
+from embeddings.tars import finished_tars, iter_tar_samples
+from pipelines.cluster import ray_session
+
+# img2dataset's own bookkeeping, not worth carrying into the embedding shards.
+_DROPPED = {"key", "caption", "status", "error_message", "exif", "__index_level_0__"}
+
+
+def passthrough_table(tar_path: Path, keys: list[str], samples: list[dict]) -> pa.Table:
+    """Passthrough columns for `keys`: typed from img2dataset's shard parquet when present, else the json."""
+    download_meta = tar_path.with_suffix(".parquet")
+    if download_meta.is_file():
+        table = pq.read_table(download_meta)
+        table = table.filter(pa.compute.is_in(table.column("key"), pa.array(keys)))
+        order = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+        missing = [k for k in keys if k not in order]
+        if not missing:
+            table = table.take(pa.array([order[k] for k in keys]))
+            return table.drop_columns([c for c in table.column_names if c in _DROPPED])
+    by_key = {s["key"]: s["meta"] for s in samples}
+    rows = [{k: v for k, v in by_key[key].items() if k not in _DROPPED} for key in keys]
+    return pa.Table.from_pylist(rows) if rows and rows[0] else pa.table({})
+
+
+class ShardEmbedder:
+    """Embeds whole shards with one loaded encoder; the body of each Ray actor."""
+
+    def __init__(self, spec: dict, output_dir: str, dtype: str = "float16", batch_size: int = 256, decode_threads: int = 4):
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+        self.encoder = load_encoder(spec)
+        self.output_dir = Path(output_dir)
+        self.dtype, self.batch_size = dtype, batch_size
+        self.pool = ThreadPoolExecutor(decode_threads)
+        self.on_gpu = self.encoder.device.type == "cuda"
+
+    def info(self) -> dict:
+        return self.encoder.info
+
+    def _decode(self, sample: dict):
+        """Preprocessed pixels of one sample (on a GPU: decoded uint8 only), or why it cannot be used."""
+        if sample["image"] is None:
+            return None, "no image in the tar"
+        try:
+            with Image.open(io.BytesIO(sample["image"])) as image:
+                image = image.convert("RGB")
+                if self.on_gpu:  # resize, crop and normalise happen on the GPU, batched
+                    return np.asarray(image), None
+                return self.encoder.preprocess(image), None
+        except Exception as err:  # noqa: BLE001 (any decoding failure is a counted skip)
+            return None, f"image decode error: {type(err).__name__}"
+
+    def process(self, tar_path: str) -> dict:
+        """Embed one tar into NNNNN.parquet + NNNNN_record.json; returns the record."""
+        import torch
+
+        start = time.time()
+        tar_path = Path(tar_path)
+        samples = list(iter_tar_samples(tar_path))
+        skipped: Counter = Counter()
+        keys, captions, image_vectors, text_vectors = [], [], [], []
+        batches = [samples[i : i + self.batch_size] for i in range(0, len(samples), self.batch_size)]
+        decoded = self.pool.map(lambda batch: [self._decode(s) for s in batch], batches)  # decodes ahead
+        for batch, results in zip(batches, decoded):
+            good = [(s, pixels) for s, (pixels, reason) in zip(batch, results) if pixels is not None]
+            skipped.update(reason for _, reason in results if reason is not None)
+            if not good:
+                continue
+            pixels = [p for _, p in good]
+            pixels = self.encoder.preprocess_on_device(pixels) if self.on_gpu else torch.stack(pixels)
+            image_vectors.append(self.encoder.encode_images(pixels).numpy())
+            text_vectors.append(self.encoder.encode_texts([s["caption"] for s, _ in good]).numpy())
+            keys += [s["key"] for s, _ in good]
+            captions += [s["caption"] for s, _ in good]
+        dim = self.encoder.dim
+        z_i = np.concatenate(image_vectors) if image_vectors else np.zeros((0, dim), np.float32)
+        z_t = np.concatenate(text_vectors) if text_vectors else np.zeros((0, dim), np.float32)
+        table = pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "caption": pa.array(captions, pa.string()),
+                "image_embedding": store.vectors_to_arrow(z_i, self.dtype),
+                "text_embedding": store.vectors_to_arrow(z_t, self.dtype),
+            }
+        )
+        extra = passthrough_table(tar_path, keys, samples)
+        for name in extra.column_names:
+            if name not in table.column_names:
+                table = table.append_column(name, extra.column(name))
+        name = store.shard_name(tar_path)
+        record = {"shard": name, "rows_written": len(keys), "skipped": dict(skipped), "seconds": round(time.time() - start, 2)}
+        store.write_shard(self.output_dir, name, table, record)
+        return record
+
+
+def embed(
+    shards_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    encoder: dict | None = None,
+    dtype: str = "float16",
+    batch_size: int = 256,
+    num_actors: int | None = None,
+    cpus_per_actor: float | None = None,
+    decode_threads: int = 4,
+) -> dict:
+    """Embed every finished tar of `shards_dir` into `output_dir`; returns the manifest.
+
+    `encoder` holds EncoderSpec fields (model, weights, pretrained, precision, device). On a machine
+    with GPUs there is one actor per GPU; otherwise `num_actors` (default 1) actors share the CPUs.
+    """
+    import ray
+
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"embed: dtype {dtype!r}: use float16 or float32")
+    spec = dict(encoder or {})
+    EncoderSpec(**spec)  # unknown keys fail here, before Ray starts
+    shards_dir, output_dir = Path(shards_dir), Path(output_dir)
+    tars = finished_tars(shards_dir)  # img2dataset writes a tar's _stats.json after the tar
+    if not tars:
+        raise ConfigError(f"no webdataset shards in {shards_dir}: run `make download` first")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    done = store.done_shards(output_dir)
+    todo = [t for t in tars if store.shard_name(t) not in done]
+
+    with ray_session():
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_actors = num_actors or (gpus if gpus else 1)
+        n_actors = max(1, min(n_actors, len(todo) or 1))
+        per_actor_cpus = cpus_per_actor or (max(1, cpus // max(gpus, 1) - 1) if gpus else max(1, cpus // n_actors))
+        actor_class = ray.remote(ShardEmbedder).options(
+            num_cpus=per_actor_cpus,
+            num_gpus=1 if gpus else 0,
+            max_restarts=3,
+            max_task_retries=3,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(per_actor_cpus))}},
+        )
+        actors = [actor_class.remote(spec, str(output_dir), dtype, batch_size, decode_threads) for _ in range(n_actors)]
+        info = ray.get(actors[0].info.remote())
+        if (output_dir / store.MANIFEST).exists():
+            store.check_compatible(store.read_manifest(output_dir), info)
+        # Written first (complete: false) so that a rerun after a kill checks the encoder too.
+        store.write_manifest(output_dir, info, dtype, dict(sorted(done.items())), complete=False)
+        expected = _expected_rows(shards_dir, todo)
+        with tqdm(total=sum(expected.values()), unit="sample", desc=f"embed {len(todo)}/{len(tars)} shards") as bar:
+            pool = ray.util.ActorPool(actors)
+            for record in pool.map_unordered(lambda actor, tar: actor.process.remote(str(tar)), todo):
+                done[record["shard"]] = record
+                bar.update(record["rows_written"] + sum(record["skipped"].values()))
+        for actor in actors:
+            ray.kill(actor)
+    return store.write_manifest(output_dir, info, dtype, dict(sorted(done.items())), complete=True)
+
+
+def _expected_rows(shards_dir: Path, tars: list[Path]) -> dict[str, int]:
+    """Samples per tar from img2dataset's stats (successes), for the progress bar; 0 when unknown."""
+    counts = {}
+    for tar in tars:
+        stats = shards_dir / f"{tar.stem}_stats.json"
+        counts[tar.stem] = json.loads(stats.read_text())["successes"] if stats.exists() else 0
+    return counts

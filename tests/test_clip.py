@@ -1,0 +1,66 @@
+"""train-clip: the tiny config learns, resumes where it stopped, and its export is what embed loads."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from embeddings.encoders import load_encoder
+from training.clip import ClipModule, load_clip_config, train_clip
+from training.data import decode_image, read_tar_range, tar_shards
+
+from .conftest import REPO
+
+
+def _losses(run_dir):
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_run(tiny_download, tmp_path_factory):
+    config, _, _ = tiny_download
+    root = tmp_path_factory.mktemp("clip")
+    settings = load_clip_config(REPO / "configs/clip/tiny.yaml", ["max_steps=24", "checkpoint_every=12", "val_every=12"])
+    metrics = train_clip(**settings, data_root=config.data_root, models_root=str(root / "models"),
+                         outputs_root=str(root / "outputs"), precision="32-true")  # fmt: skip
+    return config, settings, root, metrics
+
+
+def test_tiny_clip_loss_falls_and_metrics_are_written(tiny_clip_run):
+    _, _, root, metrics = tiny_clip_run
+    run_dir = root / "outputs" / "train-clip-tiny"
+    losses = _losses(run_dir)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert metrics["step"] == 24 and 0 <= metrics["colour_accuracy"] <= 1 and "recall_at_10" in metrics
+    assert (run_dir / "metrics.json").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_export_loads_through_the_embed_loader_with_the_same_embeddings(tiny_clip_run):
+    config, settings, root, _ = tiny_clip_run
+    export = root / "models" / "tiny" / "clip"
+    encoder = load_encoder({"model": str(export), "precision": "fp32"})
+    module = ClipModule.load_from_checkpoint(root / "outputs" / "train-clip-tiny" / "checkpoints" / "last.ckpt")
+    module.eval()
+    shard = tar_shards(config.layout.shards, "val")[0]
+    samples = list(read_tar_range(shard, 0, 8))
+    pixels = torch.stack([encoder.preprocess(decode_image(s["image"])) for s in samples])
+    captions = [s["caption"] for s in samples]
+    with torch.no_grad():
+        expected_i = torch.nn.functional.normalize(module.model.encode_image(pixels), dim=-1)
+        expected_t = torch.tensor(module.encode_texts(captions))
+    assert torch.allclose(encoder.encode_images(pixels), expected_i, atol=1e-5)
+    assert torch.allclose(encoder.encode_texts(captions), expected_t, atol=1e-5)
+
+
+def test_resume_continues_the_step_count_and_the_data_position(tiny_clip_run):
+    config, settings, root, _ = tiny_clip_run
+    checkpoints = root / "outputs" / "train-clip-tiny" / "checkpoints"
+    mid = torch.load(checkpoints / "step000012.ckpt", weights_only=True, map_location="cpu")
+    assert mid["global_step"] == 12 and mid["data_position"]["batches"] >= 1
+    metrics = train_clip(**dict(settings, max_steps=30), data_root=config.data_root, models_root=str(root / "models"),
+                         outputs_root=str(root / "outputs"), precision="32-true", resume=str(checkpoints / "last.ckpt"))  # fmt: skip
+    assert metrics["step"] == 30

@@ -1,0 +1,171 @@
+"""The embed job: the shard contract, resume after a kill, skips, and the encoders it loads."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embeddings import store
+from embeddings.config import ConfigError
+from embeddings.encoders import EncoderSpec, load_encoder
+from pipelines.embed import embed
+
+from .conftest import REPO, kill_session
+
+
+def _vectors_by_key(folder, column="image_embedding"):
+    table = store.read_table(folder, columns=["key", column])
+    return dict(zip(table.column("key").to_pylist(), store.arrow_to_vectors(table.column(column))))
+
+
+def _tar_keys(shards_dir):
+    keys = []
+    for tar_path in sorted(shards_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            keys += sorted({m.name.rsplit(".", 1)[0] for m in tar})
+    return keys
+
+
+def test_rows_match_the_downloads_and_the_contract(tiny_embed):
+    config, manifest = tiny_embed
+    table = store.read_table(config.layout.embeddings)
+    download = json.loads(config.layout.download_summary.read_text())
+    assert manifest["rows"] == table.num_rows == download["successes"] - manifest["skipped"]
+    assert sorted(table.column("key").to_pylist()) == _tar_keys(config.layout.shards)
+    assert table.schema.field("image_embedding").type.value_type == "halffloat"
+    assert table.schema.field("image_embedding").type.list_size == manifest["dim"] == 32
+    for column in store.EMBEDDING_COLUMNS:
+        norms = np.linalg.norm(store.arrow_to_vectors(table.column(column)), axis=1)
+        assert np.allclose(norms, 1.0, atol=2e-3)
+    assert {"url", "split", "shape", "colour", "width"} <= set(table.column_names)
+    assert manifest["encoder"]["checksum"] and manifest["shards"] == len(list(config.layout.shards.glob("*.tar")))
+    assert set(manifest["records"]) == {p.stem for p in config.layout.shards.glob("*.tar")}
+
+
+def test_second_run_gives_the_same_vectors(tiny_embed, tmp_path):
+    config, _ = tiny_embed
+    embed(config.layout.shards, tmp_path / "again", encoder={"model": config.embed["encoder"]["model"]}, batch_size=7)
+    first, again = _vectors_by_key(config.layout.embeddings), _vectors_by_key(tmp_path / "again")
+    assert first.keys() == again.keys()
+    assert max(np.abs(first[k] - again[k]).max() for k in first) <= 1e-3  # float16 rounding
+
+
+def test_rerun_skips_finished_shards(tiny_embed):
+    config, manifest = tiny_embed
+    mtimes = {p: p.stat().st_mtime_ns for p in config.layout.embeddings.glob("*.parquet")}
+    again = embed(config.layout.shards, config.layout.embeddings, **config.embed)
+    assert {p: p.stat().st_mtime_ns for p in config.layout.embeddings.glob("*.parquet")} == mtimes
+    assert again["rows"] == manifest["rows"]
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_embed, tmp_path):
+    config, _ = tiny_embed
+    out = tmp_path / "killed"
+    script = (
+        "from pipelines.embed import embed; "
+        f"embed({str(config.layout.shards)!r}, {str(out)!r}, encoder={{'model': {config.embed['encoder']['model']!r}}}, batch_size=2)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*_record.json")) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        kill_session(process.pid)
+        process.wait()
+    done_at_kill = len(list(out.glob("*_record.json")))
+    total = len(list(config.layout.shards.glob("*.tar")))
+    assert 1 <= done_at_kill < total, "the kill should land part-way through"
+    assert store.read_manifest(out)["complete"] is False
+
+    embed(config.layout.shards, out, encoder={"model": config.embed["encoder"]["model"]}, batch_size=32)
+    table = store.read_table(out, columns=["key"])
+    keys = table.column("key").to_pylist()
+    assert len(keys) == len(set(keys))
+    reference, resumed = _vectors_by_key(config.layout.embeddings), _vectors_by_key(out)
+    assert resumed.keys() == reference.keys()
+    assert max(np.abs(reference[k] - resumed[k]).max() for k in reference) <= 1e-3
+
+
+def test_corrupt_image_in_a_tar_is_skipped_and_counted(tiny_embed, tmp_path):
+    config, _ = tiny_embed
+    source = sorted(config.layout.shards.glob("*.tar"))[0]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    corrupted = None
+    with tarfile.open(source) as tar_in, tarfile.open(shards / source.name, "w") as tar_out:
+        for member in tar_in:
+            data = tar_in.extractfile(member).read()
+            if member.name.endswith(".jpg") and corrupted is None:
+                corrupted, data = member.name.rsplit(".", 1)[0], b"\xff\xd8 not really a jpeg"
+            member.size = len(data)
+            tar_out.addfile(member, io.BytesIO(data))
+    manifest = embed(shards, tmp_path / "emb", encoder={"model": config.embed["encoder"]["model"]})
+    record = manifest["records"][source.stem]
+    assert record["skipped"] == {"image decode error: UnidentifiedImageError": 1}
+    keys = store.read_table(tmp_path / "emb", columns=["key"]).column("key").to_pylist()
+    assert corrupted not in keys and len(keys) == config.samples_per_shard - 1 - sum(
+        1 for r in pq.read_table(source.with_suffix(".parquet")).column("status").to_pylist() if r != "success"
+    )
+
+
+def test_manifest_dim_that_disagrees_with_the_model_is_an_error(tiny_embed, tmp_path):
+    config, manifest = tiny_embed
+    encoder = dict(manifest["encoder"], dim=64)
+    with pytest.raises(ConfigError, match="embedding dim 32 in the manifest disagrees with the model's dim 64"):
+        store.check_compatible(manifest, encoder)
+    with pytest.raises(ConfigError, match="made by another CLIP"):
+        store.check_compatible(manifest, dict(manifest["encoder"], checksum="0" * 64))
+
+
+def test_unknown_encoder_key_is_an_error(tmp_path):
+    with pytest.raises(TypeError):
+        embed(tmp_path, tmp_path / "out", encoder={"modle": "x"})
+
+
+def test_open_clip_checkpoint_file_loads_like_the_folder(tiny_clip_dir, tmp_path):
+    import open_clip
+    import torch
+    from safetensors.torch import load_file
+
+    from .conftest import TINY_CLIP
+
+    open_clip.add_model_config(_write_model_config(tmp_path, TINY_CLIP))
+    torch.save({"state_dict": load_file(tiny_clip_dir / "open_clip_model.safetensors")}, tmp_path / "tiny.pt")
+    from_file = load_encoder(EncoderSpec(model="unclip-tiny-test", weights=str(tmp_path / "tiny.pt")))
+    from_folder = load_encoder({"model": str(tiny_clip_dir)})
+    assert from_file.checksum == from_folder.checksum
+    text = ["a small red circle at the top left on a gray background"]
+    assert torch.allclose(from_file.encode_texts(text), from_folder.encode_texts(text), atol=1e-6)
+    with pytest.raises(ConfigError, match="CLIP weights file not found"):
+        load_encoder(EncoderSpec(model="unclip-tiny-test", weights=str(tmp_path / "missing.pt")))
+
+
+def _write_model_config(folder, cfg):
+    path = folder / "unclip-tiny-test.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_device_preprocessing_matches_open_clips_transform(tiny_clip_dir):
+    import torch
+
+    from pipelines import shapes
+
+    encoder = load_encoder({"model": str(tiny_clip_dir)})
+    rng = np.random.default_rng(0)
+    images = [shapes.render(shapes.sample_scene(rng), size) for size in (64, 64, 80, 32)]
+    reference = torch.stack([encoder.preprocess(image) for image in images])
+    on_device = encoder.preprocess_on_device([np.asarray(image) for image in images])
+    assert on_device.shape == reference.shape
+    cosine = torch.nn.functional.cosine_similarity(encoder.encode_images(reference), encoder.encode_images(on_device))
+    assert float(cosine.min()) > 0.999

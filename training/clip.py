@@ -1,0 +1,208 @@
+"""`make train-clip`: a small CLIP trained on our own shards, exported for the embed job.
+
+The LightningModule wraps an open_clip CLIP built from a config (any tower open_clip builds: a
+vision transformer, its ModifiedResNet, a timm convnet) and trains it with open_clip's contrastive
+loss on the train split, streamed from the tars; it validates zero-shot on val (training/clip_eval.py).
+The export is open_clip's own folder layout, which the embed job loads unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from embeddings.config import load_job_config
+from embeddings.encoders import save_clip_folder
+from embeddings.tars import iter_tar_samples
+from training.clip_eval import evaluate_clip
+from training.data import decode_image, read_tar_range, tar_shards
+from training.streaming import ShardStream
+from training.trainer import StreamingModule, build_trainer, resume_checkpoint, warmup_cosine
+
+
+def image_transform(model_cfg: dict):
+    """open_clip's evaluation transform for this model (the same the embed job applies)."""
+    return open_clip.image_transform(model_cfg["vision_cfg"]["image_size"], is_train=False)
+
+
+class PixelPipe:
+    """open_clip's evaluation transform, split so data workers stay cheap.
+
+    Workers only decode and, when an image is not already at the model's size, resize and crop it
+    (the transform's own PIL steps); they hand over uint8 (3, H, W). `normalize` then scales and
+    standardises whole batches on the trainer's device, the same arithmetic as ToTensor + Normalize.
+    """
+
+    def __init__(self, model_cfg: dict):
+        self.size = model_cfg["vision_cfg"]["image_size"]
+        self.transform = image_transform(model_cfg)
+        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+    def to_uint8(self, data: bytes) -> torch.Tensor:
+        image = decode_image(data)
+        if image.size != (self.size, self.size):
+            for step in self.transform.transforms[:2]:  # Resize, CenterCrop
+                image = step(image)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 → float, standardised like open_clip's transform."""
+        x = pixels.float() / 255
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class ClipModule(StreamingModule):
+    """open_clip CLIP + ClipLoss, AdamW with warm-up and cosine decay."""
+
+    def __init__(self, model_cfg: dict, lr: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 150,
+                 max_steps: int = 3000):  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = open_clip.model.CLIP(**model_cfg)
+        self.loss = open_clip.ClipLoss()
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
+        self.pixels = PixelPipe(model_cfg)
+        self._val: list = []
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return (self.pixels.normalize(batch[0]), *batch[1:])
+
+    def training_step(self, batch, batch_idx):
+        pixels, tokens = batch
+        image_features, text_features, logit_scale = self.model(pixels, tokens)
+        loss = self.count_batch(self.loss(image_features.float(), text_features.float(), logit_scale.float()))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", logit_scale.detach().float())
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():  # CLIP clamps its temperature at 100
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Unit text embeddings, batched, in eval mode."""
+        out = []
+        for i in range(0, len(texts), 512):
+            tokens = self.tokenizer(texts[i : i + 512]).to(self.device)
+            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy())
+        return np.concatenate(out)
+
+    def validation_step(self, batch, batch_idx):
+        pixels, tokens, meta = batch
+        z_i = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        z_t = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        self._val.append((z_i.cpu().numpy(), z_t.cpu().numpy(), meta))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        image_z = np.concatenate([v[0] for v in self._val])
+        text_z = np.concatenate([v[1] for v in self._val])
+        rows = [m for v in self._val for m in v[2]]
+        self._val.clear()
+        self.metrics = evaluate_clip(image_z, text_z, rows, self.encode_texts)
+        for name in ("colour_accuracy", "shape_accuracy", "recall_at_10"):
+            self.log(f"val/{name}", self.metrics[name], prog_bar=name != "recall_at_10")
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        rest = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                       {"params": rest, "weight_decay": 0.0}], lr=self.hparams.lr)  # fmt: skip
+        hp = self.hparams
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # data workers decode; the trainer's threads do the maths
+
+
+def _collate_val(batch):
+    pixels, tokens, meta = zip(*batch)
+    return torch.stack(pixels), torch.stack(tokens), list(meta)
+
+
+class ClipDataModule(L.LightningDataModule):
+    """Train: the train-split tars, streamed. Val: up to `val_samples` val-split samples, in order."""
+
+    def __init__(self, shards_dir: str, model_cfg: dict, batch_size: int = 128, num_workers: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 2000, val_samples: int = 1500):  # fmt: skip
+        super().__init__()
+        self.shards_dir, self.batch_size, self.num_workers = shards_dir, batch_size, num_workers
+        self.seed, self.shuffle_buffer, self.val_samples = seed, shuffle_buffer, val_samples
+        self.pixels = PixelPipe(model_cfg)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
+
+    def decode(self, sample: dict):
+        return self.pixels.to_uint8(sample["image"]), self.tokenizer([sample["caption"]])[0]
+
+    def train_stream(self, epoch: int, skip_batches: int = 0) -> ShardStream:
+        return ShardStream(tar_shards(self.shards_dir, "train"), read_tar_range, self.decode, self.batch_size,
+                           seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer,
+                           skip_batches=skip_batches, num_workers=self.num_workers)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module
+        stream = self.train_stream(self.trainer.current_epoch, module.data_skip())
+        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, worker_init_fn=_one_thread)
+
+    def val_dataloader(self) -> DataLoader:
+        samples = []
+        for shard in tar_shards(self.shards_dir, "val"):
+            for sample in iter_tar_samples(shard.path):
+                if sample["image"] is not None and len(samples) < self.val_samples:
+                    pixels, tokens = self.decode(sample)
+                    samples.append((pixels, tokens, sample["meta"]))
+        return DataLoader(samples, batch_size=256, collate_fn=_collate_val)
+
+
+# ------------------------------------------------------------------ the job
+
+TRAIN_KEYS = ("data", "data_root", "name", "model", "lr", "weight_decay", "warmup_steps", "max_steps", "batch_size", "num_workers",
+              "seed", "shuffle_buffer", "precision", "accelerator", "devices", "num_nodes", "val_every",
+              "checkpoint_every", "log_every", "export_dtype", "resume", "models_root", "outputs_root")  # fmt: skip
+
+
+def load_clip_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A train-clip config, every key checked; 'model' is an open_clip model config."""
+    model_keys = ["embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"]
+    return load_job_config(path, overrides, TRAIN_KEYS, ("data", "model"), {"model": model_keys})
+
+
+def train_clip(data: str, model: dict, *, data_root: str | None = None, name: str | None = None, lr: float = 1e-3, weight_decay: float = 0.1,
+               warmup_steps: int = 150, max_steps: int = 3000, batch_size: int = 128, num_workers: int = 1,
+               seed: int = 0, shuffle_buffer: int = 2000, precision: str = "auto", accelerator: str = "auto",
+               devices: int = 1, num_nodes: int = 1, val_every: int = 500, checkpoint_every: int = 500,
+               log_every: int = 25, export_dtype: str = "float32", resume: str | None = "auto", models_root: str = "models",
+               outputs_root: str = "outputs") -> dict:  # fmt: skip
+    """Train a CLIP on the data set of config `data`, export it to models/<name>/clip/; returns the metrics."""
+    from pipelines.data_config import load_data_config
+
+    data_config = load_data_config(data, [f"data_root={data_root}"] if data_root else None)
+    name = name or data_config.name
+    run_dir = Path(outputs_root) / f"train-clip-{name}"
+    export_dir = Path(models_root) / name / "clip"
+    L.seed_everything(seed, workers=True)
+    module = ClipModule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps)
+    datamodule = ClipDataModule(str(data_config.layout.shards), model, batch_size, num_workers, seed, shuffle_buffer)
+    trainer = build_trainer(run_dir, max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
+                            num_nodes=num_nodes, val_every=val_every, checkpoint_every=checkpoint_every, log_every=log_every)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, resume))
+    metrics = {"step": trainer.global_step, **getattr(module, "metrics", {})}
+    if trainer.is_global_zero:
+        dtype = {"float32": torch.float32, "float16": torch.float16}[export_dtype]
+        extra = {"unclip": {"trained_on": data, "steps": trainer.global_step, "seed": seed, "metrics": metrics}}
+        save_clip_folder(module.model.to(dtype), model, export_dir, extra=extra)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        print(f"exported CLIP to {export_dir}/  metrics: {run_dir / 'metrics.json'}")
+    return metrics

@@ -1,0 +1,82 @@
+"""How well a CLIP knows the shapes world: zero-shot attribute accuracy and text→image recall.
+
+Zero-shot classification follows CLIP's prompt ensembling: each attribute value (say the colour
+"red") is the normalised mean of the text embeddings of every caption that has that value, over
+all values of the other attributes; an image takes the value whose ensemble is closest. Only
+single-object images are scored.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+
+from pipelines import shapes
+
+ATTRIBUTES = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES)}
+
+
+def prompts_for(attribute: str, value: str) -> list[str]:
+    """Every template-0 caption whose `attribute` equals `value`."""
+    grid = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES), "size": list(shapes.SIZES),
+            "position": list(shapes.POSITIONS), "background": list(shapes.BACKGROUNDS)}  # fmt: skip
+    grid[attribute] = [value]
+    return [
+        shapes.CAPTION_TEMPLATES[0].format(colour=c, shape=s, size=z, where=shapes.where_phrase(p), background=b)
+        for c, s, z, p, b in itertools.product(grid["colour"], grid["shape"], grid["size"], grid["position"], grid["background"])
+    ]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def class_embeddings(encode_text: Callable[[list[str]], np.ndarray], attribute: str) -> np.ndarray:
+    """(values, D) prompt-ensemble embeddings for one attribute."""
+    return np.stack([_normalise(_normalise(encode_text(prompts_for(attribute, v))).mean(0)) for v in ATTRIBUTES[attribute]])
+
+
+def zero_shot(image_z: np.ndarray, truth: dict[str, list[str]], encode_text: Callable[[list[str]], np.ndarray]) -> dict:
+    """Accuracy per attribute of unit image embeddings (N, D) against true values {attribute: [N]}."""
+    result = {}
+    for attribute, values in ATTRIBUTES.items():
+        predicted = (image_z @ class_embeddings(encode_text, attribute).T).argmax(1)
+        result[f"{attribute}_accuracy"] = float(np.mean([values[p] == t for p, t in zip(predicted, truth[attribute])]))
+    return result
+
+
+def text_to_image_recall(image_z: np.ndarray, text_z: np.ndarray, k: int = 10) -> float:
+    """Share of captions whose own image ranks in the top k among all images (pairs aligned by row)."""
+    scores = text_z @ image_z.T  # (N, N)
+    own = np.diag(scores)
+    rank = (scores > own[:, None]).sum(1)
+    return float(np.mean(rank < k))
+
+
+def evaluate_clip(image_z, text_z, rows: list[dict], encode_text, pairs: int = 1000) -> dict:
+    """Zero-shot accuracy on single-object rows and recall@10 among the first `pairs` pairs."""
+    single = [i for i, r in enumerate(rows) if r["n_objects"] == 1]
+    metrics = zero_shot(image_z[single], {a: [rows[i][a] for i in single] for a in ATTRIBUTES}, encode_text)
+    n = min(pairs, len(rows))
+    metrics["recall_at_10"] = text_to_image_recall(image_z[:n], text_z[:n], 10)
+    metrics["single_object_images"] = len(single)
+    metrics["recall_pairs"] = n
+    return metrics
+
+
+def evaluate_embeddings(embeddings_dir, split: str = "val", pairs: int = 1000) -> dict:
+    """The same figures from an embedding folder (make embed's output), prompts through its own CLIP."""
+    from embeddings import store
+    from embeddings.knn import encoder_from_manifest
+
+    table = store.read_table(embeddings_dir, filters=[("split", "=", split)])
+    if table.num_rows == 0:
+        raise ValueError(f"no {split!r} rows in {embeddings_dir}")
+    encoder = encoder_from_manifest(embeddings_dir)
+    rows = table.select([c for c in table.column_names if c not in store.EMBEDDING_COLUMNS]).to_pylist()
+    image_z = store.arrow_to_vectors(table.column("image_embedding"))
+    text_z = store.arrow_to_vectors(table.column("text_embedding"))
+    metrics = evaluate_clip(image_z, text_z, rows, lambda texts: encoder.encode_texts(texts).numpy(), pairs)
+    return {"split": split, "encoder": encoder.info["model"], "checksum": encoder.checksum, **metrics}

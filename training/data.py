@@ -1,0 +1,75 @@
+"""Shard lists and range readers for the trainers: webdataset tars and embedding Parquet shards.
+
+Every reader takes a `Shard` and a [start, stop) range of its samples (in file order) and yields raw
+records, so `ShardStream` can split an epoch across ranks and workers below the shard.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from embeddings import store
+from embeddings.tars import finished_tars, iter_tar_samples, tar_info
+from training.streaming import Shard
+
+
+def tar_shards(shards_dir: str | Path, split: str | None = "train") -> list[Shard]:
+    """Finished tars of one split (all tars when the data has no split column)."""
+    shards = []
+    for tar in finished_tars(shards_dir):
+        count, tar_split = tar_info(tar)
+        if split is None or tar_split is None or tar_split == split:
+            shards.append(Shard(str(tar), count))
+    if not shards:
+        raise FileNotFoundError(f"no {split or ''} shards in {shards_dir}: run `make download` first")
+    return shards
+
+
+def read_tar_range(shard: Shard, start: int, stop: int) -> Iterator[dict]:
+    """Samples number start..stop-1 (those with an image, in tar order) of a tar: raw bytes, unparsed."""
+    position = 0
+    for sample in iter_tar_samples(shard.path):
+        if sample["image"] is None:
+            continue
+        if position >= stop:
+            return
+        if position >= start:
+            yield sample
+        position += 1
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """JPEG/PNG bytes → RGB PIL image."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") -> list[Shard]:
+    """Finished embedding shards holding `split` (rows counted from the Parquet metadata)."""
+    shards = []
+    for path in store.shard_paths(embeddings_dir):
+        meta = pq.ParquetFile(path)
+        if split is not None and "split" in meta.schema_arrow.names:
+            splits = set(pq.read_table(path, columns=["split"]).column("split").to_pylist())
+            if len(splits) > 1:
+                raise ValueError(f"{path} mixes splits {sorted(map(str, splits))}: trainers select splits per shard")
+            if splits != {split}:
+                continue
+        shards.append(Shard(str(path), meta.metadata.num_rows))
+    if not shards:
+        raise FileNotFoundError(f"no {split or ''} embedding shards in {embeddings_dir}: run `make embed` first")
+    return shards
+
+
+def read_parquet_range(shard: Shard, start: int, stop: int, columns: list[str] | None = None) -> Iterator[dict]:
+    """Rows start..stop-1 of an embedding shard as dicts of Python/numpy values."""
+    table = pq.read_table(shard.path, columns=columns).slice(start, stop - start)
+    vectors = {c: store.arrow_to_vectors(table.column(c)) for c in table.column_names if c in store.EMBEDDING_COLUMNS}
+    plain = {c: table.column(c).to_pylist() for c in table.column_names if c not in vectors}
+    for i in range(table.num_rows):
+        yield {**{c: v[i] for c, v in plain.items()}, **{c: v[i] for c, v in vectors.items()}}

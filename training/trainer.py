@@ -1,0 +1,108 @@
+"""What every trainer shares: the Lightning Trainer, precision, resume, the data position, the NaN stop.
+
+The data position (epoch, batches consumed in it) travels in each checkpoint, so a resumed run
+continues mid-epoch with the very next batch (see training/streaming.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from embeddings.hardware import bf16_is_fast
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """'auto' → 'bf16-mixed' on GPUs and on CPUs where bf16 is fast (AMX), else '32-true'."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu or bf16_is_fast("cpu") else "32-true"
+
+
+def resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
+    """'auto' → the run's last.ckpt when there is one; a path → that file; None → start afresh."""
+    if resume in (None, "never"):
+        return None
+    if resume == "auto":
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {resume}")
+    return resume
+
+
+def build_trainer(run_dir: str | Path, *, max_steps: int, precision: str = "auto", accelerator: str = "auto",
+                  devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto", val_every: int = 500,
+                  checkpoint_every: int = 500, log_every: int = 25, callbacks: list | None = None) -> L.Trainer:  # fmt: skip
+    """A Trainer that logs CSV and TensorBoard under run_dir, checkpoints every N steps and keeps last.ckpt."""
+    run_dir = Path(run_dir)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=checkpoint_every,
+                                 save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)  # fmt: skip
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_steps=max_steps,
+        max_epochs=-1,
+        precision=resolve_precision(precision, accelerator),
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")],
+        callbacks=[checkpoint, LearningRateMonitor("step"), TQDMProgressBar(refresh_rate=10), *(callbacks or [])],
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=log_every,
+        reload_dataloaders_every_n_epochs=1,  # each epoch plans its own shard order
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, floor: float = 0.05) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to `floor`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StreamingModule(L.LightningModule):
+    """Base of the trainers: counts batches for the data position, stops on a non-finite loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch_batches = 0
+        self.resume_position: dict | None = None
+
+    def data_skip(self) -> int:
+        """Batches of the current epoch already consumed before a resume (0 otherwise)."""
+        pos = self.resume_position
+        return pos["batches"] if pos and pos["epoch"] == self.current_epoch else 0
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_batches = self.data_skip()
+
+    def on_train_epoch_end(self) -> None:
+        self.resume_position = None
+
+    def count_batch(self, loss: torch.Tensor) -> torch.Tensor:
+        """Call in training_step with the loss: counts the batch and refuses NaN or inf."""
+        self.epoch_batches += 1
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.global_step}: training stopped; the last good checkpoint is kept "
+                "in the run's checkpoints/ folder (lower the learning rate or check the data)"
+            )
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["data_position"] = {"epoch": self.current_epoch, "batches": self.epoch_batches}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.resume_position = checkpoint.get("data_position")
