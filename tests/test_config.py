@@ -94,3 +94,19 @@ def test_cli_prints_the_error_and_exits_2(tmp_path):
                             cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 2
     assert "error:" in result.stderr and "unknown key 'bogus'" in result.stderr
+
+
+def test_training_configs_load_and_name_bad_keys(tmp_path):
+    from training.clip import load_clip_config
+    from training.prior_job import load_prior_config
+
+    for name in ("shapes", "tiny"):
+        assert load_clip_config(REPO / f"configs/clip/{name}.yaml")["model"]["embed_dim"] > 0
+    for name in ("tiny", "small", "laion-vit-l14"):
+        assert load_prior_config(REPO / f"configs/prior/{name}.yaml")["prior"]["width"] > 0
+    with pytest.raises(ConfigError, match="prior: unknown key 'widht'"):
+        load_prior_config(REPO / "configs/prior/small.yaml", ["prior.widht=3"])
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
+        load_clip_config(REPO / "configs/clip/shapes.yaml", ["learning_rate=1"])
+    with pytest.raises(ConfigError, match="missing key 'model'"):
+        load_clip_config(_write(tmp_path, {"data": "x"}))

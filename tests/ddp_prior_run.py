@@ -1,0 +1,68 @@
+"""Two-process DDP (gloo, CPU) run of the tiny prior, for tests/test_prior.py.
+
+    python tests/ddp_prior_run.py EMBEDDINGS_DIR OUT_DIR
+
+Rewrites the train rows of EMBEDDINGS_DIR into three shards of uneven sizes under OUT_DIR (rank 0,
+before Lightning starts rank 1), trains one epoch on two CPU processes, and writes what each rank
+saw to OUT_DIR/rank{N}.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import lightning as L
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from embeddings import store  # noqa: E402
+from training.prior import PriorDataModule, PriorModule  # noqa: E402
+from training.trainer import build_trainer  # noqa: E402
+
+
+class Record(L.Callback):
+    def __init__(self, out: Path):
+        self.out, self.batches = out, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.batches.append(list(batch["key"]))
+
+    def on_train_end(self, trainer, module):
+        stream = trainer.datamodule.train_stream(0)
+        report = {"batches": self.batches, "batches_per_epoch": stream.batches_per_epoch(),
+                  "shards": len(stream.shards), "shard_sizes": [s.count for s in stream.shards]}  # fmt: skip
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def prepare(source: Path, target: Path) -> None:
+    """Three train shards of 70, 50 and the rest rows, plus the val shards and the manifest."""
+    target.mkdir(parents=True, exist_ok=True)
+    table = store.read_table(source)
+    train = table.filter(table.column("split").to_numpy(zero_copy_only=False) == "train")
+    cuts = [0, 70, 120, train.num_rows]
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        store.write_shard(target, f"{i:05d}", train.slice(a, b - a), {"shard": f"{i:05d}", "rows_written": b - a, "skipped": {}})
+    val = table.filter(table.column("split").to_numpy(zero_copy_only=False) == "val")
+    store.write_shard(target, "00009", val, {"shard": "00009", "rows_written": val.num_rows, "skipped": {}})
+    shutil.copy(source / store.MANIFEST, target / store.MANIFEST)
+
+
+def main() -> None:
+    source, out = Path(sys.argv[1]), Path(sys.argv[2])
+    embeddings = out / "embeddings"
+    if os.environ.get("LOCAL_RANK", "0") == "0" and not (embeddings / store.MANIFEST).exists():
+        prepare(source, embeddings)
+    L.seed_everything(0, workers=True)
+    module = PriorModule({"dim": 32, "width": 32, "depth": 1, "heads": 2}, max_steps=6, eval_steps=2)
+    datamodule = PriorDataModule(str(embeddings), batch_size=16, num_workers=0)
+    trainer = build_trainer(out / "run", max_steps=6, precision="32-true", accelerator="cpu", devices=2,
+                            strategy="ddp", val_every=1000, checkpoint_every=1000, callbacks=[Record(out)])  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+
+
+if __name__ == "__main__":
+    main()
