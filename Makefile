@@ -43,11 +43,15 @@ test: setup ## run the default test suite (offline, CPU)
 test-all: setup ## run every test, the slow quality floors included
 	$(PY) -m pytest -m "not gpu"
 
-demo: setup ## every stage that exists, on the embedded default: data → download → embed → index → eval-clip → knn
-	$(MAKE) --no-print-directory data download embed index eval-clip CONFIG=$(CONFIG)
-	$(MAKE) --no-print-directory knn CONFIG=$(CONFIG) QUERY="a large red circle in the center on a black background"
+DEMO_PROMPT ?= a large red circle in the center on a black background
+
+demo: setup ## every stage that exists, on the embedded default: data → download → embed → index → eval-clip → train-prior → sample-prior → knn
+	$(MAKE) --no-print-directory data download embed index eval-clip train-prior CONFIG=$(CONFIG)
+	$(MAKE) --no-print-directory sample-prior PROMPT="$(DEMO_PROMPT)"
+	$(MAKE) --no-print-directory knn CONFIG=$(CONFIG) QUERY="$(DEMO_PROMPT)"
 	@echo "demo done: shards data/synthetic/shards/, embeddings data/synthetic/embeddings/, index data/synthetic/index/,"
-	@echo "           CLIP metrics outputs/clip-eval-synthetic.json, knn page outputs/knn/"
+	@echo "           CLIP metrics outputs/clip-eval-synthetic.json, prior models/synthetic/prior/ and"
+	@echo "           outputs/train-prior-synthetic/metrics.json, sampled embeddings outputs/sample-prior/, knn page outputs/knn/"
 
 data: setup ## render the synthetic source: data/<name>/urls.parquet and source/ (CONFIG=configs/data/...)
 	$(PY) -m pipelines data --config $(CONFIG)

@@ -152,6 +152,10 @@ def embed(
     output_dir.mkdir(parents=True, exist_ok=True)
     done = store.done_shards(output_dir)
     todo = [t for t in tars if store.shard_name(t) not in done]
+    if not todo and (output_dir / store.MANIFEST).exists():  # nothing to embed: no Ray, just the check
+        manifest = store.read_manifest(output_dir)
+        store.check_compatible(manifest, load_encoder(spec).info)
+        return store.write_manifest(output_dir, manifest["encoder"], manifest["dtype"], dict(sorted(done.items())), complete=True)
 
     with ray_session():
         gpus = int(ray.cluster_resources().get("GPU", 0))
