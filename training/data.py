@@ -67,9 +67,10 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") ->
 
 
 def read_parquet_range(shard: Shard, start: int, stop: int, columns: list[str] | None = None) -> Iterator[dict]:
-    """Rows start..stop-1 of an embedding shard as dicts of Python/numpy values."""
+    """Rows start..stop-1 of an embedding shard as dicts (embeddings as float32 row vectors)."""
     table = pq.read_table(shard.path, columns=columns).slice(start, stop - start)
-    vectors = {c: store.arrow_to_vectors(table.column(c)) for c in table.column_names if c in store.EMBEDDING_COLUMNS}
-    plain = {c: table.column(c).to_pylist() for c in table.column_names if c not in vectors}
-    for i in range(table.num_rows):
-        yield {**{c: v[i] for c, v in plain.items()}, **{c: v[i] for c, v in vectors.items()}}
+    names = table.column_names
+    values = [list(store.arrow_to_vectors(table.column(c))) if c in store.EMBEDDING_COLUMNS else table.column(c).to_pylist()
+              for c in names]  # fmt: skip
+    for row in zip(*values):
+        yield dict(zip(names, row))

@@ -14,6 +14,7 @@ workers so that its first batch is exactly the one an uninterrupted run would ha
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,11 +66,14 @@ def plan_epoch(shards: list[Shard], epoch: int, seed: int, slots: int, batch_siz
 def shuffled(records: Iterator[Any], buffer_size: int, rng: np.random.Generator) -> Iterator[Any]:
     """A shuffle buffer: fill to `buffer_size`, then emit a random element for each one read."""
     buffer: list[Any] = []
+    picks: list[int] = []  # random slots drawn in blocks: one generator call per 4096 records
     for record in records:
         if len(buffer) < buffer_size:
             buffer.append(record)
             continue
-        i = int(rng.integers(buffer_size))
+        if not picks:
+            picks = rng.integers(buffer_size, size=4096).tolist()[::-1]
+        i = picks.pop()
         yield buffer[i]
         buffer[i] = record
     rng.shuffle(buffer)
@@ -122,8 +126,6 @@ class ShardStream(IterableDataset):
         role = (worker + self.skip_batches) % workers
         slot = self.rank * workers + role
         skip = consumed_by_slot(role, workers, self.skip_batches) * self.batch_size
-        records = (r for index, start, stop in self.plan[slot] for r in self.read(self.shards[index], start, stop))
+        records = itertools.chain.from_iterable(self.read(self.shards[i], start, stop) for i, start, stop in self.plan[slot])
         rng = np.random.default_rng([self.seed, self.epoch, slot])
-        for position, record in enumerate(shuffled(records, self.shuffle_buffer, rng)):
-            if position >= skip:
-                yield self.decode(record)
+        yield from map(self.decode, itertools.islice(shuffled(records, self.shuffle_buffer, rng), skip, None))
