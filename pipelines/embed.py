@@ -1,8 +1,9 @@
 """`make embed`: webdataset shards → CLIP embedding shards (Parquet), one per tar, on Ray.
 
 The shard is the unit of work, retry and resume. A pool of Ray actors each loads the encoder once
-(GPU actors where GPUs exist, CPU otherwise) and embeds whole shards: it reads the tar, decodes and
-preprocesses images in a thread pool while the previous batch is encoded, embeds images and captions
+(GPU actors where GPUs exist, CPU otherwise) and embeds whole shards: it reads the tar, decodes
+images in a thread pool while the previous batch is encoded, resizes and normalises each batch on the
+encoder's device (ClipEncoder.preprocess_on_device), embeds images and captions
 in batches, and writes the shard's parquet and then its record (store.write_shard). A sample whose
 image cannot be decoded is skipped and counted with its reason. Finished shards are skipped on a
 rerun; only the driver writes `_manifest.json`.
@@ -62,21 +63,20 @@ class ShardEmbedder:
         self.output_dir = Path(output_dir)
         self.dtype, self.batch_size = dtype, batch_size
         self.pool = ThreadPoolExecutor(decode_threads)
-        self.on_gpu = self.encoder.device.type == "cuda"
 
     def info(self) -> dict:
         return self.encoder.info
 
     def _decode(self, sample: dict):
-        """Preprocessed pixels of one sample (on a GPU: decoded uint8 only), or why it cannot be used."""
+        """Decoded (H, W, 3) uint8 pixels of one sample, or the reason it cannot be used."""
         if sample["image"] is None:
             return None, "no image in the tar"
         try:
             with Image.open(io.BytesIO(sample["image"])) as image:
                 image = image.convert("RGB")
-                if self.on_gpu:  # resize, crop and normalise happen on the GPU, batched
-                    return np.asarray(image), None
-                return self.encoder.preprocess(image), None
+                # Threads only decode; resize, crop and normalise run batched on the encoder's device
+                # (no torch ops in the threads, so they never fight the encoder's own threads).
+                return np.asarray(image), None
         except Exception as err:  # noqa: BLE001 (any decoding failure is a counted skip)
             return None, f"image decode error: {type(err).__name__}"
 
@@ -96,8 +96,7 @@ class ShardEmbedder:
             skipped.update(reason for _, reason in results if reason is not None)
             if not good:
                 continue
-            pixels = [p for _, p in good]
-            pixels = self.encoder.preprocess_on_device(pixels) if self.on_gpu else torch.stack(pixels)
+            pixels = self.encoder.preprocess_on_device([p for _, p in good])
             image_vectors.append(self.encoder.encode_images(pixels).numpy())
             text_vectors.append(self.encoder.encode_texts([s["caption"] for s, _ in good]).numpy())
             keys += [s["key"] for s, _ in good]
