@@ -11,8 +11,6 @@ NNNNN_stats.json after the tar, so a rerun skips finished shards and redoes a ha
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import tempfile
 import time
 from collections import Counter
@@ -23,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from embeddings.config import ConfigError
+from embeddings.store import write_json
 from pipelines.cluster import ray_session
 from pipelines.server import serve_folder
 
@@ -172,10 +171,7 @@ def download(
     fetched = summary["shards_downloaded_this_run"] * samples_per_shard
     summary["seconds_this_run"] = round(elapsed, 2)
     summary["urls_per_second_this_run"] = round(min(fetched, summary["count"]) / elapsed, 1) if fetched else 0.0
-    summary_path = Path(summary_path) if summary_path else output_dir.parent / "download.json"
-    tmp_summary = summary_path.with_name(summary_path.name + ".tmp")
-    tmp_summary.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp_summary, summary_path)
+    write_json(Path(summary_path) if summary_path else output_dir.parent / "download.json", summary)
     return summary
 
 

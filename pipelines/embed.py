@@ -12,7 +12,6 @@ rerun; only the driver writes `_manifest.json`.
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from embeddings import store
 from embeddings.config import ConfigError
 from embeddings.encoders import EncoderSpec, load_encoder
-from embeddings.tars import finished_tars, iter_tar_samples
+from embeddings.tars import finished_tars, iter_tar_samples, tar_info
 from pipelines.cluster import ray_session
 
 # img2dataset's own bookkeeping, not worth carrying into the embedding shards.
@@ -82,8 +81,6 @@ class ShardEmbedder:
 
     def process(self, tar_path: str) -> dict:
         """Embed one tar into NNNNN.parquet + NNNNN_record.json; returns the record."""
-        import torch
-
         start = time.time()
         tar_path = Path(tar_path)
         samples = list(iter_tar_samples(tar_path))
@@ -175,8 +172,7 @@ def embed(
             store.check_compatible(store.read_manifest(output_dir), info)
         # Written first (complete: false) so that a rerun after a kill checks the encoder too.
         store.write_manifest(output_dir, info, dtype, dict(sorted(done.items())), complete=False)
-        expected = _expected_rows(shards_dir, todo)
-        with tqdm(total=sum(expected.values()), unit="sample", desc=f"embed {len(todo)}/{len(tars)} shards") as bar:
+        with tqdm(total=sum(tar_info(t)[0] for t in todo), unit="sample", desc=f"embed {len(todo)}/{len(tars)} shards") as bar:
             pool = ray.util.ActorPool(actors)
             for record in pool.map_unordered(lambda actor, tar: actor.process.remote(str(tar)), todo):
                 done[record["shard"]] = record
@@ -184,12 +180,3 @@ def embed(
         for actor in actors:
             ray.kill(actor)
     return store.write_manifest(output_dir, info, dtype, dict(sorted(done.items())), complete=True)
-
-
-def _expected_rows(shards_dir: Path, tars: list[Path]) -> dict[str, int]:
-    """Samples per tar from img2dataset's stats (successes), for the progress bar; 0 when unknown."""
-    counts = {}
-    for tar in tars:
-        stats = shards_dir / f"{tar.stem}_stats.json"
-        counts[tar.stem] = json.loads(stats.read_text())["successes"] if stats.exists() else 0
-    return counts

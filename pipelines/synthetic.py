@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embeddings.layout import DataLayout
+from embeddings.store import write_atomic
 from pipelines import shapes
 
 SPLITS = ("val", "heldout", "train")
@@ -70,12 +71,6 @@ def _attributes(scene: shapes.Scene) -> dict:
     return row
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _render_chunk(job: tuple) -> list[dict]:
     """Render rows [start, stop) to files (bad rows as their planned failure); returns their URL rows."""
     start, stop, splits, bad, seed, two_object_fraction, image_size, quality, root, prefix = job
@@ -89,10 +84,10 @@ def _render_chunk(job: tuple) -> list[dict]:
         if kind == "404":
             path.unlink(missing_ok=True)
         elif kind == "html":
-            _write_atomic(path, _HTML_PAGE)
+            write_atomic(path, _HTML_PAGE)
         else:
             data = shapes.encode_jpeg(shapes.render(scene, image_size), quality)
-            _write_atomic(path, data[: len(data) // 2] if kind == "truncated" else data)
+            write_atomic(path, data[: len(data) // 2] if kind == "truncated" else data)
     return rows
 
 
@@ -149,7 +144,7 @@ def generate(
         "bad": {sample_id(i): kind for i, kind in sorted(bad.items())},
         "heldout_pairs": sorted(map(list, shapes.HELDOUT_PAIRS)),
     }
-    _write_atomic(layout.source / "source.json", json.dumps(plan, indent=1, sort_keys=True).encode())
+    write_atomic(layout.source / "source.json", json.dumps(plan, indent=1, sort_keys=True).encode())
     return plan
 
 
