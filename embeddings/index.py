@@ -98,8 +98,7 @@ def build_indices(embeddings_dir: str | Path, index_dir: str | Path, *, memory_b
         tmp.replace(index_dir / f"{kind}.index")
         info["indices"][kind] = {"factory": chosen, "file": f"{kind}.index", "recall_at_10": recall_at_k(index, vectors, 10, recall_queries)}
     ids = table.select(["key", "shard", "caption"])
-    pq.write_table(ids, index_dir / ".ids.parquet.tmp")
-    (index_dir / ".ids.parquet.tmp").replace(index_dir / "ids.parquet")
+    store.write_parquet(index_dir / "ids.parquet", ids)
     store.write_json(index_dir / "index.json", info)
     return info
 

@@ -35,6 +35,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """Write a Parquet file under a temporary name, then rename into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj) -> None:
     """Atomic JSON write, keys sorted so reruns compare equal."""
     write_atomic(Path(path), (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
@@ -64,9 +72,7 @@ def shard_name(path: str | Path) -> str:
 def write_shard(folder: Path, name: str, table: pa.Table, record: dict) -> None:
     """Write one embedding shard, then its record (which marks it done)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / f"{name}.parquet")
+    write_parquet(folder / f"{name}.parquet", table)
     write_json(folder / f"{name}{RECORD_SUFFIX}", record)
 
 

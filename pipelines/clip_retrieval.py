@@ -48,9 +48,7 @@ def export_clip_retrieval(embeddings_dir: str | Path, output_dir: str | Path) ->
         for column, (folder, prefix) in SUBFOLDERS.items():
             _save_npy(output_dir / folder / f"{prefix}_{n}.npy", store.arrow_to_vectors(table.column(column), numpy_dtype))
         metadata = table.drop_columns(list(SUBFOLDERS))
-        tmp = output_dir / "metadata" / f".metadata_{n}.parquet.tmp"
-        pq.write_table(metadata, tmp)
-        tmp.replace(output_dir / "metadata" / f"metadata_{n}.parquet")
+        store.write_parquet(output_dir / "metadata" / f"metadata_{n}.parquet", metadata)
         rows += table.num_rows
     return {"shards": len(store.shard_paths(embeddings_dir)), "rows": rows, "dim": manifest["dim"]}
 

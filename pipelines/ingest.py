@@ -8,13 +8,12 @@ job's. An image without a caption file is skipped and counted.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from embeddings.layout import DataLayout
+from embeddings.store import write_parquet
 from pipelines.download import download
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -42,9 +41,7 @@ def ingest(folder: str | Path, name: str, *, data_root: str | Path = "data", **d
     layout = DataLayout.of(name, data_root)
     table, skipped = list_folder(folder)
     layout.root.mkdir(parents=True, exist_ok=True)
-    tmp = layout.urls.with_name("urls.parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, layout.urls)
+    write_parquet(layout.urls, table)
     summary = download(layout.urls, layout.shards, serve_root=folder, summary_path=layout.download_summary, **download_options)
     summary["skipped_without_caption"] = skipped
     return summary

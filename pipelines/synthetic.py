@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embeddings.layout import DataLayout
-from embeddings.store import write_atomic
+from embeddings.store import write_atomic, write_parquet
 from pipelines import shapes
 
 SPLITS = ("val", "heldout", "train")
@@ -131,9 +130,7 @@ def generate(
             rows.extend(chunk_rows)
             bar.update(len(chunk_rows))
     table = pa.Table.from_pylist(rows, schema=_schema())
-    tmp = layout.urls.with_name("urls.parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, layout.urls)
+    write_parquet(layout.urls, table)
 
     plan = {
         "n_samples": n_samples,
