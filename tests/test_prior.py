@@ -114,6 +114,14 @@ def test_evaluate_prior_ranks():
     assert metrics["r_at_1_text"] == 0.0
 
 
+def test_distinct_rank_ignores_images_of_the_same_scene():
+    """Two renders of one scene: the query's own image ranks second overall but first among other scenes."""
+    z_i = np.eye(4)[[0, 0, 1, 2]] * 0.9 + np.eye(4)[[3, 1, 3, 3]] * np.sqrt(1 - 0.81)
+    query = z_i[[1, 1, 2, 3]]  # pair 0 is searched with the embedding of its twin, pair 1
+    metrics = evaluate_prior(query, z_i, query, scenes=["a", "a", "b", "c"])
+    assert metrics["r_at_1_predicted"] == 0.75 and metrics["r_at_1_distinct_predicted"] == 1.0
+
+
 def test_two_process_ddp_sees_disjoint_samples_and_equal_batches(tiny_embed, tmp_path):
     config, _ = tiny_embed
     script = REPO / "tests" / "ddp_prior_run.py"

@@ -21,10 +21,10 @@ def noise_schedule(prediction_type: str = "sample") -> DDPMScheduler:
                          prediction_type=prediction_type, clip_sample=False)  # fmt: skip
 
 
-def sampler(prediction_type: str = "sample") -> DDIMScheduler:
-    """The few-step sampler matching `noise_schedule` (deterministic DDIM, eta 0)."""
+def sampler(prediction_type: str = "sample", clip_sample: bool = False) -> DDIMScheduler:
+    """The few-step sampler matching `noise_schedule` (deterministic DDIM, eta 0); images clip x_0 to [-1, 1]."""
     return DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
-                         clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")  # fmt: skip
+                         clip_sample=clip_sample, set_alpha_to_one=False, timestep_spacing="trailing")  # fmt: skip
 
 
 def sample_timesteps(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -34,15 +34,34 @@ def sample_timesteps(batch: int, generator: torch.Generator | None = None, devic
 
 @torch.no_grad()
 def ddim_sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, steps: int = 64,
-                prediction_type: str = "sample") -> torch.Tensor:  # fmt: skip
-    """Run DDIM from `noise` (x_T) with `denoise(x_t, t) -> model output`; returns x_0."""
-    scheduler = sampler(prediction_type)
+                prediction_type: str = "sample", clip_sample: bool = False, eta: float = 0.0,
+                seeds: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+    """Run DDIM from `noise` (x_T) with `denoise(x_t, t) -> model output`; returns x_0.
+
+    eta 0 is deterministic DDIM; eta 1 adds fresh noise at every step (ancestral, DDPM-like), which
+    forgives a small model's errors. The fresh noise of sample i comes from its own generator
+    (seeded from seeds[i]), so a sample does not depend on the batch it was drawn in."""
+    scheduler = sampler(prediction_type, clip_sample)
     scheduler.set_timesteps(steps, device=noise.device)
+    generators = [torch.Generator().manual_seed(int(s) * 2 + 1) for s in seeds] if eta > 0 and seeds is not None else None
     x = noise
     for t in scheduler.timesteps:
         timestep = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        x = scheduler.step(denoise(x, timestep), t, x).prev_sample
+        variance_noise = None
+        if generators is not None:
+            variance_noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device, x.dtype)
+        x = scheduler.step(denoise(x, timestep), t, x, eta=eta, variance_noise=variance_noise).prev_sample
     return x
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, ...], candidates: int = 1) -> torch.Tensor:
+    """(B·candidates, *shape) Gaussian noise, each sample from its own seed: a sample does not depend
+    on the batch it was drawn in, so the same seed gives the same output."""
+    rows = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(int(seed))
+        rows.append(torch.randn(candidates, *shape, generator=generator))
+    return torch.cat(rows)
 
 
 def guided(model_out_cond: torch.Tensor, model_out_uncond: torch.Tensor, scale: float) -> torch.Tensor:

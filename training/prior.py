@@ -12,24 +12,17 @@ import math
 
 import lightning as L
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from training.conditioning import FrozenTextTokens
 from training.data import embedding_shards, read_parquet_range
-from training.diffusion import ddim_sample, guided, noise_schedule, sample_timesteps
+from training.diffusion import ddim_sample, guided, noise_schedule, sample_timesteps, seeded_noise
 from training.prior_net import DiffusionPrior, PriorConfig
 from training.streaming import ShardStream
-from training.trainer import StreamingModule, warmup_cosine
-
-
-def per_sample_noise(seeds: list[int], dim: int, candidates: int = 1) -> torch.Tensor:
-    """(B·candidates, dim) Gaussian noise, each sample from its own seed (independent of batch size)."""
-    rows = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(int(seed))
-        rows.append(torch.randn(candidates, dim, generator=generator))
-    return torch.cat(rows)
+from training.trainer import StreamingModule, ema_update, warmup_cosine
 
 
 class PriorModule(StreamingModule):
@@ -42,8 +35,6 @@ class PriorModule(StreamingModule):
         """`text_tokens`: 'none', or 'clip' for per-token encodings from the frozen CLIP `clip` (EncoderSpec fields)."""
         super().__init__()
         self.save_hyperparameters()
-        if text_tokens not in ("none", "clip"):
-            raise ValueError(f"text_tokens {text_tokens!r}: use 'none' or 'clip'")
         self.config = PriorConfig(**prior)
         self.net = DiffusionPrior(self.config)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
@@ -51,18 +42,11 @@ class PriorModule(StreamingModule):
         self.scale = math.sqrt(self.config.dim)  # unit vectors → per-dimension variance ~1
         self.metrics: dict = {}
         self._val: list = []
-        self._clip = None  # the frozen CLIP for per-token encodings, loaded on first use, never saved
+        self._text_tokens = FrozenTextTokens(text_tokens, clip)
 
     def text_tokens(self, captions: list[str]):
         """(tokens (B, T, W), mask (B, T)) from the frozen CLIP text tower, or (None, None)."""
-        if self.hparams.text_tokens == "none":
-            return None, None
-        if self._clip is None:
-            from embeddings.encoders import load_encoder
-
-            self._clip = load_encoder(dict(self.hparams.clip or {}, precision="fp32", device=str(self.device)))
-        tokens, mask = self._clip.encode_text_tokens(captions)
-        return tokens.to(self.device), mask.to(self.device)
+        return self._text_tokens(captions, self.device)
 
     def forward_loss(self, z_i, z_t, tokens=None, mask=None, generator=None):
         """MSE between predicted and true x_0 for a batch of (z_i, z_t)."""
@@ -82,10 +66,7 @@ class PriorModule(StreamingModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for ema, live in zip(self.ema.parameters(), self.net.parameters()):
-                ema.lerp_(live, 1 - decay)
+        ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
 
     @torch.no_grad()
     def sample(self, z_t: torch.Tensor, seeds: list[int], tokens=None, mask=None, steps: int | None = None,
@@ -104,14 +85,14 @@ class PriorModule(StreamingModule):
             out = net(x_t, t, cond, toks, msk, keep)
             return out if scale == 1.0 else guided(out, net(x_t, t, cond, toks, msk, drop), scale)
 
-        noise = per_sample_noise(seeds, d, n).to(z_t.device, z_t.dtype)
+        noise = seeded_noise(seeds, (d,), n).to(z_t.device, z_t.dtype)
         x_0 = ddim_sample(denoise, noise, steps or self.hparams.eval_steps, "sample")
         candidates_z = F.normalize(x_0.float(), dim=-1).view(b, n, d)
         best = (candidates_z @ z_t.float().unsqueeze(-1)).squeeze(-1).argmax(1)  # (B,)
         return candidates_z[torch.arange(b), best]
 
     def validation_step(self, batch, batch_idx):
-        self._val.append({"z_i": batch["z_i"].cpu(), "z_t": batch["z_t"].cpu(), "caption": batch["caption"]})
+        self._val.append({"z_i": batch["z_i"].cpu(), "z_t": batch["z_t"].cpu(), "caption": batch["caption"], "scene": batch["scene"]})
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
@@ -119,20 +100,22 @@ class PriorModule(StreamingModule):
         z_i = torch.cat([v["z_i"] for v in self._val])
         z_t = torch.cat([v["z_t"] for v in self._val])
         captions = [c for v in self._val for c in v["caption"]]
+        scenes = [c for v in self._val for c in v["scene"]]
         self._val.clear()
-        self.metrics = self.evaluate(z_i, z_t, captions)
+        self.metrics = self.evaluate(z_i, z_t, captions, scenes)
         for name, value in self.metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("cosine_predicted", "r_at_1_predicted"))
 
     @torch.no_grad()
-    def evaluate(self, z_i: torch.Tensor, z_t: torch.Tensor, captions: list[str]) -> dict:
+    def evaluate(self, z_i: torch.Tensor, z_t: torch.Tensor, captions: list[str], scenes: list | None = None) -> dict:
         """evaluate_prior for val pairs, sampling with the EMA network (per-pair seeds)."""
         predicted = []
         for i in range(0, len(z_t), 256):
             tokens, mask = self.text_tokens(captions[i : i + 256])
             seeds = list(range(i, min(i + 256, len(z_t))))
             predicted.append(self.sample(z_t[i : i + 256].to(self.device).float(), seeds, tokens, mask).cpu())
-        return evaluate_prior(torch.cat(predicted).numpy(), z_i.float().numpy(), z_t.float().numpy())
+        scenes = scenes if scenes and all(s is not None for s in scenes) else None
+        return evaluate_prior(torch.cat(predicted).numpy(), z_i.float().numpy(), z_t.float().numpy(), scenes)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -141,25 +124,37 @@ class PriorModule(StreamingModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray) -> dict:
+def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scenes: list | None = None) -> dict:
     """Mean cosine to the true image embedding, and the true image's rank among all images (R@1, R@10),
-    for the predicted embeddings next to the text embeddings (the baseline)."""
+    for the predicted embeddings next to the text embeddings (the baseline).
+
+    With `scenes` (one label per pair, equal labels = images of the same described content, e.g. the
+    synthetic source's attributes), `r_at_1_distinct_*` also ranks the true image only against images
+    of other scenes: two renders of the same caption cannot be told apart by any text-conditioned model."""
     metrics = {"pairs": len(z_i)}
+    same = None if scenes is None else np.asarray(scenes, dtype=object)[:, None] == np.asarray(scenes, dtype=object)[None]
     for name, query in (("predicted", predicted), ("text", z_t)):
         query = query / np.linalg.norm(query, axis=1, keepdims=True)
         metrics[f"cosine_{name}"] = float((query * z_i).sum(1).mean())
         scores = query @ z_i.T
-        rank = (scores > np.diag(scores)[:, None]).sum(1)
+        above = scores > np.diag(scores)[:, None]
+        rank = above.sum(1)
         metrics[f"r_at_1_{name}"] = float(np.mean(rank < 1))
         metrics[f"r_at_10_{name}"] = float(np.mean(rank < 10))
+        if same is not None:
+            metrics[f"r_at_1_distinct_{name}"] = float(np.mean((above & ~same).sum(1) < 1))
     return metrics
+
+
+SCENE_COLUMNS = ("background", "n_objects", "shape", "colour", "size", "position", "shape_2", "colour_2", "size_2", "position_2")
 
 
 def to_batch(rows: list[dict]) -> dict:
     """Embedding rows → a batch: z_i and z_t as (B, D) tensors, keys and captions as lists."""
     return {"z_i": torch.from_numpy(np.stack([r["image_embedding"] for r in rows])),
             "z_t": torch.from_numpy(np.stack([r["text_embedding"] for r in rows])),
-            "key": [r["key"] for r in rows], "caption": [r["caption"] for r in rows]}  # fmt: skip
+            "key": [r["key"] for r in rows], "caption": [r["caption"] for r in rows],
+            "scene": [r.get("scene") for r in rows]}  # fmt: skip
 
 
 class PriorDataModule(L.LightningDataModule):
@@ -186,9 +181,13 @@ class PriorDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=to_batch)
 
     def val_rows(self) -> list[dict]:
+        """The val pairs, each with a `scene` label from the attribute columns where the data has them."""
         rows = []
         for shard in embedding_shards(self.embeddings_dir, self.val_split):
-            rows += list(self.read(shard, 0, shard.count))
+            present = [c for c in SCENE_COLUMNS if c in pq.read_schema(shard.path).names]
+            for row in read_parquet_range(shard, 0, shard.count, self.COLUMNS + present):
+                row["scene"] = "|".join(str(row.pop(c)) for c in present) if present else None
+                rows.append(row)
         return rows[: self.val_pairs]
 
     def val_dataloader(self) -> DataLoader:

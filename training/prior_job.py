@@ -1,8 +1,8 @@
 """The prior's jobs: train (make train-prior), export, load, and sample (make sample-prior).
 
-Export: models/<name>/prior/prior.safetensors (EMA weights) + config.json (network sizes, the
-sampling defaults, and the checksum of the CLIP whose embeddings it was trained on). Loading it
-against another CLIP is an error.
+Export (training/export.py): models/<name>/prior/prior.safetensors (EMA weights) + config.json
+(network sizes, the sampling defaults, and the checksum of the CLIP whose embeddings it was trained
+on). Loading it against another CLIP is an error.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from safetensors.torch import load_file, save_file
 
 from embeddings import store
 from embeddings.config import ConfigError, load_job_config
+from training.export import load_export, save_export
 from training.prior import PriorDataModule, PriorModule, to_batch
 from training.prior_net import PriorConfig
 from training.trainer import build_trainer, resume_checkpoint
@@ -70,37 +70,23 @@ def train_prior(data: str, prior: dict, *, data_root: str | None = None, name: s
 def evaluate_module(module: PriorModule, datamodule: PriorDataModule) -> dict:
     """The final figures on the val pairs, with the EMA network."""
     batch = to_batch(datamodule.val_rows())
-    return module.eval().evaluate(batch["z_i"], batch["z_t"], batch["caption"])
+    return module.eval().evaluate(batch["z_i"], batch["z_t"], batch["caption"], batch["scene"])
 
 
 def export_prior(module: PriorModule, folder: Path, encoder: dict, metrics: dict | None = None) -> Path:
     """EMA weights as safetensors + config.json with the CLIP's checksum."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.ema.state_dict().items()}
-    save_file(state, str(folder / ".prior.safetensors.tmp"))
-    (folder / ".prior.safetensors.tmp").replace(folder / "prior.safetensors")
     hp = module.hparams
-    config = {"prior": module.config.to_dict(), "clip": {k: encoder.get(k) for k in ("model", "weights", "pretrained", "checksum")},
-              "sampling": {"steps": hp.eval_steps, "guidance_scale": hp.guidance_scale, "candidates": hp.candidates},
-              "text_tokens": hp.text_tokens,
-              "metrics": metrics or {}}  # fmt: skip
-    store.write_json(folder / "config.json", config)
-    return folder
+    config = {"prior": module.config.to_dict(), "text_tokens": hp.text_tokens, "metrics": metrics or {},
+              "sampling": {"steps": hp.eval_steps, "guidance_scale": hp.guidance_scale, "candidates": hp.candidates}}  # fmt: skip
+    return save_export(folder, "prior", module.ema, config, encoder)
 
 
 def load_prior(folder: str | Path, clip_checksum: str | None = None) -> PriorModule:
     """An exported prior, ready to sample (EMA weights in both net and ema); checks the CLIP if given."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no exported prior in {folder}: run `make train-prior` first")
-    config = json.loads((folder / "config.json").read_text())
-    if clip_checksum is not None and config["clip"]["checksum"] != clip_checksum:
-        raise ConfigError(f"the prior in {folder} was trained against another CLIP (checksum "
-                          f"{config['clip']['checksum'][:12]}…, not {clip_checksum[:12]}…)")  # fmt: skip
+    config, state = load_export(folder, "prior", clip_checksum)
     s = config["sampling"]
     module = PriorModule(config["prior"], eval_steps=s["steps"], guidance_scale=s["guidance_scale"], candidates=s["candidates"],
                          text_tokens=config.get("text_tokens", "none"), clip=config["clip"])  # fmt: skip
-    state = load_file(str(folder / "prior.safetensors"))
     module.ema.load_state_dict(state)
     module.net.load_state_dict(state)
     return module.eval()

@@ -72,6 +72,14 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, floor: float = 0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, live: torch.nn.Module, step: int, decay: float) -> None:
+    """One EMA step of `ema` towards `live`; the decay warms up as (1 + step) / (10 + step)."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), live.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
 class StreamingModule(L.LightningModule):
     """Base of the trainers: counts batches for the data position, stops on a non-finite loss."""
 
