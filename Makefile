@@ -16,7 +16,8 @@ CLIP_CONFIG ?= configs/clip/shapes.yaml
 K ?= 10
 
 .PHONY: help setup lock test test-all demo data download ingest embed index knn export-clip-retrieval \
-	import-clip-retrieval train-clip eval-clip train-prior sample-prior bench-download bench-embed clean
+	import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder train-upsampler sample variations \
+	interpolate textdiff eval bench-download bench-embed clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,15 +44,27 @@ test: setup ## run the default test suite (offline, CPU)
 test-all: setup ## run every test, the slow quality floors included
 	$(PY) -m pytest -m "not gpu"
 
-DEMO_PROMPT ?= a large red circle in the center on a black background
+DEMO_PROMPTS ?= configs/demo-prompts.txt
+DEMO_OUT ?= outputs/demo
+# Each stage is its own make call, so an interrupted demo resumes: finished shards are skipped and
+# trainers continue from their last checkpoint (`make clean` starts afresh).
+demo: setup ## the whole pipeline on the embedded default (committed CLIP): data → ... → eval; results in outputs/demo/
+	@start=$$(date +%s); stage() { s=$$(date +%s); $(MAKE) --no-print-directory "$$@" || exit 1; \
+		echo "[demo] $$1 done in $$(( $$(date +%s) - s )) s (total $$(( $$(date +%s) - start )) s)"; }; \
+	stage data download embed index eval-clip CONFIG=$(CONFIG) && \
+	stage train-prior && stage train-decoder && stage train-upsampler && \
+	stage train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml && \
+	stage sample PROMPTS=$(DEMO_PROMPTS) N=6 OUT=$(DEMO_OUT)/sample.png && \
+	stage eval OUT=$(DEMO_OUT) && \
+	stage knn QUERY="$$(head -1 $(DEMO_PROMPTS))" KNN_OUT=$(DEMO_OUT) && \
+	echo "demo done in $$(( $$(date +%s) - start )) s. Results in $(DEMO_OUT)/:" && \
+	echo "  sample.png (held-out prompts, 6 samples each)  samples-*-*.png (eval grids)  metrics.json  table.md" && \
+	echo "  guidance.png (accuracy, CLIP score, diversity against guidance)  losses.png (training curves)  *.html (knn page)" && \
+	echo "Models in models/synthetic/ (clip prior decoder upsampler decoder-text); data in data/synthetic/."
 
-demo: setup ## every stage that exists, on the embedded default: data → download → embed → index → eval-clip → train-prior → sample-prior → knn
-	$(MAKE) --no-print-directory data download embed index eval-clip train-prior CONFIG=$(CONFIG)
-	$(MAKE) --no-print-directory sample-prior PROMPT="$(DEMO_PROMPT)"
-	$(MAKE) --no-print-directory knn CONFIG=$(CONFIG) QUERY="$(DEMO_PROMPT)"
-	@echo "demo done: shards data/synthetic/shards/, embeddings data/synthetic/embeddings/, index data/synthetic/index/,"
-	@echo "           CLIP metrics outputs/clip-eval-synthetic.json, prior models/synthetic/prior/ and"
-	@echo "           outputs/train-prior-synthetic/metrics.json, sampled embeddings outputs/sample-prior/, knn page outputs/knn/"
+EVAL_OPTS ?=
+eval: setup ## unCLIP vs the GLIDE-like baseline on val and held-out captions: accuracy, CLIP score, Fréchet, diversity [OUT=dir]
+	$(PY) -m training eval --config $(CONFIG) --models $(MODELS) $(if $(OUT),--out "$(OUT)") $(EVAL_OPTS)
 
 data: setup ## render the synthetic source: data/<name>/urls.parquet and source/ (CONFIG=configs/data/...)
 	$(PY) -m pipelines data --config $(CONFIG)
@@ -71,7 +84,7 @@ index: setup ## faiss image and text indices over the embeddings into data/<name
 
 knn: setup ## nearest neighbours: QUERY="text" or IMAGE=path or KEY=key [K=10 KIND=image|text]; prints a table and an HTML page
 	@test -n "$(QUERY)$(IMAGE)$(KEY)" || { echo 'usage: make knn QUERY="a red circle" | IMAGE=path | KEY=key'; exit 2; }
-	$(PY) -m pipelines knn --config $(CONFIG) -k $(K) $(if $(KIND),--kind $(KIND)) \
+	$(PY) -m pipelines knn --config $(CONFIG) -k $(K) $(if $(KIND),--kind $(KIND)) $(if $(KNN_OUT),--out-dir "$(KNN_OUT)") \
 		$(if $(QUERY),--query "$(QUERY)") $(if $(IMAGE),--image "$(IMAGE)") $(if $(KEY),--key "$(KEY)")
 
 export-clip-retrieval: setup ## write the embeddings in clip-retrieval's layout to data/<name>/clip_retrieval/ [OUT=dir]
@@ -92,6 +105,38 @@ train-prior: setup ## train the diffusion prior of PRIOR_CONFIG on its data set'
 sample-prior: setup ## PROMPT="..." (or PROMPTS=file): sampled CLIP image embeddings, their nearest indexed images, a .npy
 	@test -n "$(PROMPT)$(PROMPTS)" || { echo 'usage: make sample-prior PROMPT="a small red circle at the top left"'; exit 2; }
 	$(PY) -m training sample-prior --config $(PRIOR_CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)")
+
+DECODER_CONFIG ?= configs/decoder/small.yaml
+UPSAMPLER_CONFIG ?= configs/decoder/upsampler-small.yaml
+MODELS ?= models/synthetic
+SEED ?= 0
+# Options of the four generation commands: SEED=0 N=images STEPS=decoder steps GUIDANCE=decoder scale
+# DECODER=decoder|decoder-text OUT=path.png
+GEN_OPTS = --models "$(MODELS)" --seed $(SEED) $(if $(N),-n $(N)) $(if $(STEPS),--steps $(STEPS)) \
+	$(if $(GUIDANCE),--guidance $(GUIDANCE)) $(if $(DECODER),--decoder $(DECODER)) $(if $(OUT),--out "$(OUT)")
+
+train-decoder: setup ## train the CLIP-image-embedding decoder of DECODER_CONFIG on shards + embeddings; exports models/<name>/decoder/
+	$(PY) -m training decoder --config $(DECODER_CONFIG)
+
+train-upsampler: setup ## train the 4x upsampler of UPSAMPLER_CONFIG; exports models/<name>/upsampler/
+	$(PY) -m training upsampler --config $(UPSAMPLER_CONFIG)
+
+sample: setup ## text → image: PROMPT="..." (or PROMPTS=file) through prior, decoder, upsampler; writes a PNG grid
+	@test -n "$(PROMPT)$(PROMPTS)" || { echo 'usage: make sample PROMPT="a small red circle at the top left"'; exit 2; }
+	$(PY) -m training sample $(GEN_OPTS) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)") \
+		$(if $(PRIOR_GUIDANCE),--prior-guidance $(PRIOR_GUIDANCE))
+
+variations: setup ## IMAGE=path: its CLIP image embedding decoded with fresh noise; writes a PNG grid
+	@test -n "$(IMAGE)" || { echo 'usage: make variations IMAGE=path/to/image.jpg'; exit 2; }
+	$(PY) -m training variations $(GEN_OPTS) --image "$(IMAGE)"
+
+interpolate: setup ## A=path B=path: decodings of slerp between the two images' embeddings; writes a PNG grid
+	@test -n "$(A)" -a -n "$(B)" || { echo 'usage: make interpolate A=path/a.jpg B=path/b.jpg'; exit 2; }
+	$(PY) -m training interpolate $(GEN_OPTS) --a "$(A)" --b "$(B)"
+
+textdiff: setup ## IMAGE=path FROM="a red circle" TO="a blue circle": the embedding moved along the text diff; PNG grid
+	@test -n "$(IMAGE)" -a -n "$(FROM)" -a -n "$(TO)" || { echo 'usage: make textdiff IMAGE=path FROM="a red circle" TO="a blue circle"'; exit 2; }
+	$(PY) -m training textdiff $(GEN_OPTS) --image "$(IMAGE)" --from "$(FROM)" --to "$(TO)"
 
 eval-clip: setup ## zero-shot colour/shape accuracy and recall@10 of the val embeddings (after make embed)
 	$(PY) -m training clip-eval --config $(CONFIG)

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--key", help="a stored sample's key to search with")
             p.add_argument("-k", type=int, default=10, help="neighbours to show")
             p.add_argument("--kind", choices=("image", "text"), default="image", help="index to search")
+            p.add_argument("--out-dir", default="outputs/knn", help="folder of the HTML page")
         if job == "export-clip-retrieval":
             p.add_argument("--out", help="output folder (default: data/<name>/clip_retrieval)")
         if job == "import-clip-retrieval":
@@ -84,7 +85,8 @@ def _run(args) -> None:
     elif args.job == "knn":
         from embeddings.knn import format_table, knn
 
-        rows, page = knn(layout, query=args.query, image=args.image, key=args.key, k=args.k, kind=args.kind)
+        rows, page = knn(layout, query=args.query, image=args.image, key=args.key, k=args.k, kind=args.kind,
+                          out_dir=args.out_dir)  # fmt: skip
         print(format_table(rows))
         print(f"page: {page}")
     elif args.job == "export-clip-retrieval":

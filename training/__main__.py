@@ -25,6 +25,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("-k", type=int, default=5, help="nearest indexed images to print per prompt")
+    for job, what in (("decoder", "the CLIP-conditioned decoder"), ("upsampler", "the 4x upsampler")):
+        p = sub.add_parser(job, help=f"train {what} on a data set's shards joined with its embeddings, and export it")
+        p.add_argument("--config", default=f"configs/decoder/{'small' if job == 'decoder' else 'upsampler-small'}.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    for job, what in (("sample", "text → prior → decoder → upsampler"), ("variations", "decodings of one image's embedding"),
+                      ("interpolate", "slerp between two images' embeddings"),
+                      ("textdiff", "an image's embedding moved along a text difference")):  # fmt: skip
+        p = sub.add_parser(job, help=f"{what}; writes a PNG grid")
+        p.add_argument("--models", default="models/synthetic", help="folder holding prior/, decoder/, upsampler/")
+        p.add_argument("--decoder", default="decoder", help="the decoder export to use (decoder-text: the GLIDE-like baseline)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--steps", type=int, help="decoder sampling steps (default: the export's)")
+        p.add_argument("--guidance", type=float, help="decoder guidance scale (default: the export's)")
+        p.add_argument("-n", type=int, help="images per prompt / per row")
+        p.add_argument("--out", help="PNG path (default: outputs/<command>/...)")
+        if job == "sample":
+            p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
+            p.add_argument("--prompts", help="a file of captions, one a line")
+            p.add_argument("--prior-guidance", type=float, help="prior guidance scale (default: the export's)")
+        elif job in ("variations", "textdiff"):
+            p.add_argument("--image", required=True)
+        if job == "interpolate":
+            p.add_argument("--a", required=True)
+            p.add_argument("--b", required=True)
+        if job == "textdiff":
+            p.add_argument("--from", dest="from_text", required=True)
+            p.add_argument("--to", dest="to_text", required=True)
+    p = sub.add_parser("eval", help="unCLIP against the GLIDE-like baseline: accuracy, CLIP score, Fréchet, diversity")
+    p.add_argument("--config", default="configs/data/synthetic.yaml", help="data set config")
+    p.add_argument("--models", default="models/synthetic")
+    p.add_argument("--out", default="outputs/eval")
+    p.add_argument("--captions", type=int, default=16, help="captions per set (val, heldout)")
+    p.add_argument("--per-caption", type=int, default=4, help="images drawn per caption (diversity)")
+    p.add_argument("--scales", default="1,3,6", help="decoder guidance scales, comma-separated")
+    p.add_argument("--steps", type=int, default=25, help="decoder sampling steps")
+    p.add_argument("--upsampler-steps", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outputs", default="outputs", help="where the training runs' logs are (for the loss plot)")
     p = sub.add_parser("clip-eval", help="zero-shot figures of a data set's embeddings (after make embed)")
     p.add_argument("--config", default="configs/data/synthetic.yaml", help="data set config")
     p.add_argument("--split", default="val")
@@ -40,6 +78,17 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = train_prior(**load_prior_config(args.config, args.set))
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        elif args.job in ("decoder", "upsampler"):
+            from training import decoder_job
+
+            load = decoder_job.load_decoder_config if args.job == "decoder" else decoder_job.load_upsampler_config
+            train = decoder_job.train_decoder if args.job == "decoder" else decoder_job.train_upsampler
+            metrics = train(**load(args.config, args.set))
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "join"})
+        elif args.job in ("sample", "variations", "interpolate", "textdiff"):
+            _generate(args)
+        elif args.job == "eval":
+            _evaluate(args)
         elif args.job == "sample-prior":
             _sample_prior(args)
         elif args.job == "clip-eval":
@@ -60,6 +109,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _generate(args) -> None:
+    """The four generation commands: build the grid, write it, print where."""
+    from pathlib import Path
+
+    from embeddings.knn import slug
+    from training.generate import UnCLIP
+    from training.grid import save_grid
+
+    model = UnCLIP.load(args.models, args.decoder)
+    decode = {"steps": args.steps, "guidance_scale": args.guidance}
+    if args.job == "sample":
+        prompts = list(args.prompt) + (Path(args.prompts).read_text().splitlines() if args.prompts else [])
+        prompts = [p.strip() for p in prompts if p.strip()]
+        if not prompts:
+            raise ValueError('give PROMPT="..." or PROMPTS=file.txt')
+        n = args.n or 4
+        images = model.text_to_image(prompts, n, args.seed, args.prior_guidance, **decode)
+        name = slug(prompts[0]) + (f"-and-{len(prompts) - 1}-more" if len(prompts) > 1 else "")
+        print("rows, top to bottom:\n" + "\n".join(f"  {p}" for p in prompts))
+    elif args.job == "variations":
+        n = args.n or 8
+        images, name = model.variations(args.image, n, args.seed, **decode), Path(args.image).stem
+    elif args.job == "interpolate":
+        n = args.n or 8
+        images, name = model.interpolate(args.a, args.b, n, args.seed, **decode), f"{Path(args.a).stem}-{Path(args.b).stem}"
+    else:
+        n = args.n or 6
+        images = model.textdiff(args.image, args.from_text, args.to_text, n, seed=args.seed, **decode)
+        name = f"{Path(args.image).stem}-{slug(args.from_text)}-to-{slug(args.to_text)}"
+    out = Path(args.out) if args.out else Path("outputs") / args.job / f"{name}-seed{args.seed}.png"
+    save_grid(images, out, columns=n)
+    print(f"{len(images)} images ({images.shape[1]} px): {out}")
+
+
+def _evaluate(args) -> None:
+    """make eval: the comparison, then the loss curves of the training runs beside it."""
+    from pathlib import Path
+
+    from training.unclip_eval import evaluate, main_summary, plot_losses
+
+    scales = tuple(float(x) for x in args.scales.split(",") if x.strip())
+    summary = evaluate(args.config, args.models, args.out, captions=args.captions, per_caption=args.per_caption,
+                       guidance_scales=scales, steps=args.steps, upsampler_steps=args.upsampler_steps, seed=args.seed)  # fmt: skip
+    name = Path(args.models).name
+    runs = {kind: Path(args.outputs) / f"train-{kind}-{name}" for kind in ("prior", "decoder", "upsampler", "decoder-text")}
+    losses = plot_losses(runs, Path(args.out) / "losses.png")
+    print(main_summary(summary))
+    print(f"\nmetrics: {Path(args.out) / 'metrics.json'}  table: {Path(args.out) / 'table.md'}  plots: "
+          f"{Path(args.out) / 'guidance.png'}{'  ' + str(losses) if losses else ''}  grids: {Path(args.out)}/samples-*.png")
 
 
 def _sample_prior(args) -> None:

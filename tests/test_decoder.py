@@ -1,0 +1,231 @@
+"""train-decoder / train-upsampler and the generation commands, on the tiny data set and tiny CLIP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from embeddings import store
+from embeddings.config import ConfigError
+from training.decoder_data import ImageEmbeddingDataModule, joined_shards, tar_image_keys
+from training.decoder_job import (
+    load_decoder,
+    load_decoder_config,
+    load_upsampler,
+    load_upsampler_config,
+    train_decoder,
+    train_upsampler,
+)
+
+from .conftest import REPO
+from .test_prior import RecordBatches
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_embed, tmp_path_factory):
+    """Tiny prior, decoder and upsampler trained once into one models folder."""
+    from training.prior_job import load_prior_config, train_prior
+
+    config, _ = tiny_embed
+    root = tmp_path_factory.mktemp("decoder")
+    common = dict(data_root=config.data_root, models_root=str(root / "models"), outputs_root=str(root / "outputs"),
+                  precision="32-true")  # fmt: skip
+    train_prior(**dict(load_prior_config(REPO / "configs/prior/tiny.yaml"), **common, val_every=1000))
+    records = {}
+    for kind, load, train in (("decoder", load_decoder_config, train_decoder), ("upsampler", load_upsampler_config, train_upsampler)):
+        record = RecordBatches()
+        _with_callback(record, lambda: train(**dict(load(REPO / f"configs/decoder/{'tiny' if kind == 'decoder' else 'upsampler-tiny'}.yaml"),
+                                                    **common, max_steps=40, val_every=20, checkpoint_every=20)))  # fmt: skip
+        records[kind] = record
+    return root, common, records
+
+
+def _with_callback(callback, run):
+    import training.decoder_job as job
+
+    original = job.build_trainer
+    job.build_trainer = lambda *a, **k: original(*a, **dict(k, callbacks=[callback]))
+    try:
+        return run()
+    finally:
+        job.build_trainer = original
+
+
+@pytest.mark.parametrize("kind", ["decoder", "upsampler"])
+def test_tiny_models_learn_export_and_draw_grids(trained, kind):
+    root, _, records = trained
+    losses = records[kind].losses
+    assert len(losses) == 40 and np.mean(losses[-8:]) < np.mean(losses[:8])
+    config = json.loads((root / "models" / "tiny" / kind / "config.json").read_text())
+    assert config["clip"]["checksum"] and config["metrics"]["step"] == 40
+    grids = sorted((root / "outputs" / f"train-{kind}-tiny" / "samples").glob("step*.png"))
+    assert [g.name for g in grids] == ["step000020.png", "step000040.png"]
+    assert Image.open(grids[-1]).size[0] > 0
+
+
+def test_sampling_shape_dtype_and_seeded(trained):
+    root, _, _ = trained
+    decoder = load_decoder(root / "models" / "tiny" / "decoder")
+    z = torch.nn.functional.normalize(torch.randn(3, decoder.config.dim), dim=-1)
+    a = decoder.sample(z, [5, 6, 7], steps=4)
+    assert a.shape == (3, 3, 8, 8) and a.dtype == torch.float32 and a.abs().max() <= 1
+    b = decoder.sample(z[[2, 0]], [7, 5], steps=4)  # another batch: the same seed gives the same image
+    torch.testing.assert_close(b, a[[2, 0]], atol=1e-5, rtol=0)
+    assert not torch.allclose(decoder.sample(z[:1], [99], steps=4), a[:1])
+    upsampler = load_upsampler(root / "models" / "tiny" / "upsampler")
+    high = upsampler.sample(a, [1, 2, 3], steps=4)
+    assert high.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(upsampler.sample(a[1:2], [2], steps=4), high[1:2], atol=1e-5, rtol=0)
+
+
+def test_loading_an_export_reproduces_the_module(trained, tmp_path):
+    """A module (restored from a mid-run checkpoint) exported and loaded back samples the same images."""
+    from training.decoder import DecoderModule
+    from training.export import save_export
+
+    root, _, _ = trained
+    checkpoint = torch.load(root / "outputs" / "train-decoder-tiny" / "checkpoints" / "step000020.ckpt", weights_only=False)
+    module = DecoderModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    save_export(tmp_path / "decoder", "decoder", module.ema, {"decoder": module.config.to_dict(), "hparams": dict(module.hparams)},
+                {"model": "m", "checksum": "c"})  # fmt: skip
+    loaded = load_decoder(tmp_path / "decoder", clip_checksum="c")
+    z = torch.nn.functional.normalize(torch.randn(2, loaded.config.dim), dim=-1)
+    torch.testing.assert_close(loaded.sample(z, [0, 1], steps=4), module.eval().sample(z, [0, 1], steps=4), atol=1e-6, rtol=0)
+    assert not torch.allclose(loaded.sample(z, [0, 1], steps=4), module.sample(z, [0, 1], steps=4, net=module.net))
+
+
+def test_key_join_drops_only_the_unmatched(tiny_embed, tmp_path):
+    """Remove two embedding rows and add one for a key with no image: exactly those are dropped and counted,
+    and every joined sample carries its own key's embedding."""
+    config, _ = tiny_embed
+    layout = config.layout
+    shards, embeddings = tmp_path / "shards", tmp_path / "embeddings"
+    shutil.copytree(layout.shards, shards)
+    shutil.copytree(layout.embeddings, embeddings)
+    name = store.shard_name(store.shard_paths(embeddings)[-1])
+    table = pq.read_table(embeddings / f"{name}.parquet")
+    keys = table.column("key").to_pylist()
+    dropped = set(keys[1:3])
+    kept = table.filter(pa.array([k not in dropped for k in keys]))
+    stray = kept.slice(0, 1).set_column(0, "key", pa.array(["no-such-key"]))
+    pq.write_table(pa.concat_tables([kept, stray]), embeddings / f"{name}.parquet")
+
+    before, _ = joined_shards(layout.shards, layout.embeddings, None)
+    after, report = joined_shards(shards, embeddings, None)
+    assert sum(s.count for s in after) == sum(s.count for s in before) - 2
+    assert (report.missing_embedding, report.missing_image, report.missing_shards) == (2, 1, [])
+
+    datamodule = ImageEmbeddingDataModule(str(shards), str(embeddings), 8)
+    original = store.read_table(layout.embeddings, ["key", "image_embedding"])
+    vector_of = dict(zip(original.column("key").to_pylist(), store.arrow_to_vectors(original.column("image_embedding"))))
+    seen = []
+    for shard in after:
+        for row in datamodule.read(shard, 0, shard.count):
+            np.testing.assert_array_equal(row["image_embedding"], vector_of[row["key"]])
+            assert row["image"].shape == (8, 8, 3) and row["image"].dtype == np.uint8
+            seen.append(row["key"])
+    all_keys = [k for s in before for k in tar_image_keys(s.path)]
+    assert len(seen) == len(set(seen)) and set(seen) == set(all_keys) - dropped
+
+
+def test_decoder_resumes_mid_epoch_on_the_same_batch(trained, tmp_path):
+    _, common, _ = trained
+    settings = dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), **common, val_every=1000, checkpoint_every=3)
+    full = RecordBatches()
+    _with_callback(full, lambda: train_decoder(**dict(settings, outputs_root=str(tmp_path / "full"), max_steps=9)))
+    cut = RecordBatches(stop_at=6)
+    _with_callback(cut, lambda: train_decoder(**dict(settings, outputs_root=str(tmp_path / "cut"), max_steps=9)))
+    resumed = RecordBatches()
+    _with_callback(resumed, lambda: train_decoder(**dict(settings, outputs_root=str(tmp_path / "cut"), max_steps=9)))
+    assert cut.keys + resumed.keys == full.keys
+    np.testing.assert_allclose(resumed.losses, full.losses[6:], rtol=1e-4)
+
+
+def test_generation_commands_write_pngs(trained, tmp_path, tiny_embed):
+    from training.__main__ import main
+
+    root, _, _ = trained
+    config, _ = tiny_embed
+    models = str(root / "models" / "tiny")
+    tar = sorted(config.layout.shards.glob("*.tar"))[0]
+    images = []
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        for member in t:
+            if member.name.endswith(".jpg") and len(images) < 2:
+                path = tmp_path / member.name
+                path.write_bytes(t.extractfile(member).read())
+                images.append(str(path))
+    commands = {
+        "sample": ["--prompt", "a red circle", "--prompt", "a blue square", "-n", "2"],
+        "variations": ["--image", images[0], "-n", "3"],
+        "interpolate": ["--a", images[0], "--b", images[1], "-n", "4"],
+        "textdiff": ["--image", images[0], "--from", "a red circle", "--to", "a blue circle", "-n", "3"],
+    }
+    for job, args in commands.items():
+        out = tmp_path / f"{job}.png"
+        assert main([job, "--models", models, "--steps", "3", "--out", str(out), *args]) == 0
+        grid = Image.open(out)
+        assert grid.size[0] > 0
+        again = tmp_path / f"{job}-again.png"
+        main([job, "--models", models, "--steps", "3", "--out", str(again), *args])
+        assert np.array_equal(np.asarray(grid), np.asarray(Image.open(again))), f"{job}: same seed, another image"
+
+
+def test_a_component_of_another_clip_is_refused(trained, tmp_path):
+    from training.export import load_export
+
+    root, _, _ = trained
+    folder = tmp_path / "decoder"
+    shutil.copytree(root / "models" / "tiny" / "decoder", folder)
+    with pytest.raises(ConfigError, match="another CLIP"):
+        load_export(folder, "decoder", clip_checksum="0" * 64)
+    config = json.loads((folder / "config.json").read_text())
+    config["clip"]["checksum"] = "f" * 64
+    (folder / "config.json").write_text(json.dumps(config))
+    from training.generate import UnCLIP
+
+    shutil.copytree(root / "models" / "tiny" / "prior", tmp_path / "prior")
+    with pytest.raises(ConfigError, match="not the one"):
+        UnCLIP.load(tmp_path)
+
+
+def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_embed, tmp_path):
+    """make eval on tiny models: every (system, scale, set) cell is measured and the outputs are written."""
+    from training.unclip_eval import evaluate
+
+    root, common, _ = trained
+    config, _ = tiny_embed
+    train_decoder(**dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), **common, condition="text",
+                         export="decoder-text", max_steps=6, val_every=1000))  # fmt: skip
+    summary = evaluate(str(REPO / "configs/data/tiny.yaml"), root / "models" / "tiny", tmp_path / "eval", captions=3, per_caption=2,
+                       guidance_scales=(1.0,), steps=3, upsampler_steps=2, data_root=config.data_root)  # fmt: skip
+    cells = {(r["system"], r["guidance"], r["split"]) for r in summary["results"]}
+    assert cells == {(s, g, split) for s in ("unclip", "glide_like") for g in (1.0, 3.0) for split in ("val", "heldout")}
+    for r in summary["results"]:
+        assert 0 <= r["colour_accuracy"] <= 1 and -1 <= r["clip_score"] <= 1 and r["diversity_pixels"] >= 0 and r["images"] == 6
+    assert len(summary["diversity_at_equal_clip_score"]) == 4
+    for name in ("metrics.json", "table.md", "guidance.png", "samples-heldout-unclip.png", "samples-val-glide_like.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+def test_frechet_distance_and_diversity():
+    from training.unclip_eval import frechet_distance, mean_pairwise
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 4))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(a, a + 1) == pytest.approx(4, abs=1e-6)  # a mean shift of 1 in 4 dims
+    same = np.zeros((4, 2, 2, 3))
+    assert mean_pairwise(same, 2, "rms") == 0
+    apart = np.stack([np.zeros((2, 2, 3)), np.ones((2, 2, 3))] * 2)
+    assert mean_pairwise(apart, 2, "rms") == pytest.approx(1)

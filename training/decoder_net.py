@@ -1,0 +1,127 @@
+"""The decoder and upsampler networks (unCLIP §2.1), on diffusers' UNets.
+
+Decoder: ε = decoder(x_t, t, z). The CLIP embedding z is conditioned on twice, as the paper does:
+projected and added to the timestep embedding (the UNet's `class_embed_type="projection"`), and
+projected into 4 extra context tokens that every cross-attention layer attends to, concatenated
+with projected text token encodings when those are used. Classifier-free guidance zeroes z and
+masks out the text tokens. `z` is whatever vector the module conditions on: the CLIP image embedding
+for unCLIP, the CLIP text embedding for the GLIDE-like baseline (same network, same places).
+
+Upsampler: ε = upsampler(x_t, t, low), the low-resolution image upsampled (bicubic) to x_t's size
+and concatenated as 3 extra input channels; convolutional only, so it trains on random crops and
+samples whole images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes of the decoder; named sizes live in configs/decoder/*.yaml."""
+
+    image_size: int = 64  # the decoder's own (base) resolution
+    dim: int = 768  # CLIP embedding dim D
+    channels: list[int] = field(default_factory=lambda: [192, 384, 576, 768])
+    layers_per_block: int = 2
+    head_width: int = 64
+    context_tokens: int = 4  # tokens projected from z (the paper's 4)
+    context_width: int = 512  # width of the cross-attention context
+    text_token_width: int = 0  # width of per-token text encodings; 0 = not used
+    norm_groups: int = 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class UpsamplerConfig:
+    """Sizes of a 4× upsampler; `image_size` is its output resolution."""
+
+    image_size: int = 64
+    factor: int = 4
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    norm_groups: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Decoder(nn.Module):
+    """ε = decoder(x_t, t, z, text_tokens, token_mask, drop_z, drop_text)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = c = config
+        levels = len(c.channels)
+        self.unet = UNet2DConditionModel(
+            sample_size=c.image_size, in_channels=3, out_channels=3, block_out_channels=tuple(c.channels),
+            layers_per_block=c.layers_per_block, norm_num_groups=c.norm_groups,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+            cross_attention_dim=c.context_width, attention_head_dim=c.head_width,
+            class_embed_type="projection", projection_class_embeddings_input_dim=c.dim,
+        )  # fmt: skip
+        self.to_context = nn.Linear(c.dim, c.context_tokens * c.context_width)
+        self.in_tokens = nn.Linear(c.text_token_width, c.context_width) if c.text_token_width else None
+        self.scale = math.sqrt(c.dim)  # unit vectors → per-dimension variance ~1
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, text_tokens: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None, drop_z: torch.Tensor | None = None,
+                drop_text: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """x_t: (B, 3, H, W); t: (B,); z: (B, D) unit; text_tokens (B, T, W); masks and drops (B,) bool."""
+        b = x_t.shape[0]
+        z = z * self.scale
+        if drop_z is not None:
+            z = torch.where(drop_z[:, None], torch.zeros_like(z), z)
+        context = self.to_context(z).view(b, self.config.context_tokens, self.config.context_width)
+        keep = torch.ones(context.shape[:2], dtype=torch.bool, device=x_t.device)
+        if self.in_tokens is not None:
+            if text_tokens is None:
+                raise ValueError("this decoder was built with text_token_width > 0: pass text_tokens")
+            token_keep = token_mask if token_mask is not None else torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x_t.device)
+            if drop_text is not None:
+                token_keep = token_keep & ~drop_text[:, None]
+            context = torch.cat([context, self.in_tokens(text_tokens)], dim=1)
+            keep = torch.cat([keep, token_keep], dim=1)
+        mask = keep.to(x_t.dtype) if self.in_tokens is not None else None
+        return self.unet(x_t, t, encoder_hidden_states=context, class_labels=z, encoder_attention_mask=mask).sample
+
+
+class Upsampler(nn.Module):
+    """ε = upsampler(x_t, t, low): low is (B, 3, h, w) at 1/factor of x_t's resolution."""
+
+    def __init__(self, config: UpsamplerConfig):
+        super().__init__()
+        self.config = c = config
+        levels = len(c.channels)
+        self.unet = UNet2DModel(
+            sample_size=c.image_size, in_channels=6, out_channels=3, block_out_channels=tuple(c.channels),
+            layers_per_block=c.layers_per_block, norm_num_groups=c.norm_groups,
+            down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
+        )  # fmt: skip
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        return self.unet(torch.cat([x_t, upsample(low, x_t.shape[-1])], dim=1), t).sample
+
+
+def upsample(low: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of a [-1, 1] image batch to size × size (the upsampler's conditioning input)."""
+    if low.shape[-1] == size:
+        return low
+    return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Area (box) downsampling of an image batch to size × size: how low-resolution targets are made."""
+    if images.shape[-1] == size:
+        return images
+    return F.adaptive_avg_pool2d(images, size)

@@ -1,0 +1,128 @@
+"""Generation: text → image end to end, and the three other uses of unCLIP's latent space (§3).
+
+`UnCLIP.load(models/<name>)` reads the exported prior/, decoder/ and upsampler/ (each records the
+checksum of the CLIP it was trained against) and the CLIP itself, from the record's model and
+weights; a component trained against another CLIP is a clear error. Every method returns uint8
+images (N, H, W, 3); sample i of a call starts from the noise of seed + i (the same seed gives the
+same image), and interpolations and text diffs keep one decoder noise along their path, as the paper
+does, so only the embedding changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embeddings.config import ConfigError
+from training.grid import to_uint8
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between unit vectors a and b (D,) at fractions theta (N,) → (N, D)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    omega = torch.arccos((a * b).sum().clamp(-1 + 1e-7, 1 - 1e-7))
+    theta = theta.float()[:, None]
+    return (torch.sin((1 - theta) * omega) * a + torch.sin(theta * omega) * b) / torch.sin(omega)
+
+
+class UnCLIP:
+    """The trained system: CLIP, prior, decoder and (optionally) upsampler, loaded from one folder."""
+
+    def __init__(self, encoder, decoder, prior=None, upsampler=None):
+        self.encoder, self.decoder, self.prior, self.upsampler = encoder, decoder, prior, upsampler
+
+    @classmethod
+    def load(cls, folder: str | Path, decoder: str = "decoder", device: str = "cpu") -> UnCLIP:
+        """Load models/<name>/: its `decoder` export (or decoder-text), prior/ and upsampler/ where present."""
+        from embeddings.encoders import load_encoder
+        from training.decoder_job import load_decoder, load_upsampler
+        from training.export import load_export
+        from training.prior_job import load_prior
+
+        folder = Path(folder)
+        config, _ = load_export(folder / decoder, "decoder")
+        clip = config["clip"]
+        spec = {k: clip[k] for k in ("model", "weights", "pretrained") if clip.get(k) is not None}
+        try:
+            encoder = load_encoder(dict(spec, device=device, precision="fp32"))
+        except (ConfigError, FileNotFoundError, RuntimeError) as err:
+            raise ConfigError(f"cannot load the CLIP the decoder in {folder / decoder} was trained against ({spec}): {err}") from err
+        checksum = encoder.checksum
+        if clip.get("checksum") and clip["checksum"] != checksum:
+            raise ConfigError(f"the CLIP at {spec.get('model')} (checksum {checksum[:12]}…) is not the one the decoder was "
+                              f"trained against ({clip['checksum'][:12]}…)")  # fmt: skip
+        dec = load_decoder(folder / decoder, checksum).to(device)
+        prior = load_prior(folder / "prior", checksum).to(device) if (folder / "prior" / "config.json").is_file() else None
+        up = load_upsampler(folder / "upsampler").to(device) if (folder / "upsampler" / "config.json").is_file() else None
+        return cls(encoder, dec, prior, up)
+
+    # -- the two stages ---------------------------------------------------------------------------------
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.encoder.encode_texts(list(texts))
+
+    def embed_images(self, images: list) -> torch.Tensor:
+        """CLIP image embeddings (N, D) of image paths, bytes or (H, W, 3) uint8 arrays."""
+        from training.data import decode_image
+
+        arrays = []
+        for image in images:
+            if isinstance(image, (str, Path)):
+                if not Path(image).is_file():
+                    raise FileNotFoundError(f"image not found: {image}")
+                image = Path(image).read_bytes()
+            arrays.append(np.asarray(decode_image(image)) if isinstance(image, bytes) else np.asarray(image, np.uint8))
+        return self.encoder.encode_images(self.encoder.preprocess_on_device(arrays))
+
+    def decode(self, z: torch.Tensor, seeds: list[int], captions: list[str] | None = None, guidance_scale: float | None = None,
+               steps: int | None = None, upsample: bool = True, upsampler_steps: int | None = None) -> np.ndarray:  # fmt: skip
+        """CLIP vectors (N, D) → uint8 images: the decoder, then the upsampler when there is one."""
+        images = self.decoder.sample(z, seeds, captions, steps=steps, guidance_scale=guidance_scale)
+        if upsample and self.upsampler is not None:
+            images = self.upsampler.sample(images, [s + 7_919 for s in seeds], steps=upsampler_steps)
+        return to_uint8(images)
+
+    def prior_embeddings(self, prompts: list[str], seeds: list[int], prior_guidance: float | None = None) -> torch.Tensor:
+        if self.prior is None:
+            raise FileNotFoundError("no prior in the model folder: run `make train-prior` first")
+        z_t = self.embed_texts(prompts)
+        tokens, mask = self.prior.text_tokens(list(prompts))
+        return self.prior.sample(z_t, seeds, tokens, mask, guidance_scale=prior_guidance)
+
+    # -- the four uses ----------------------------------------------------------------------------------
+
+    def text_to_image(self, prompts: list[str], n: int = 4, seed: int = 0, prior_guidance: float | None = None, **decode) -> np.ndarray:
+        """n images per prompt (prompt-major): text → prior → decoder → upsampler.
+
+        A decoder conditioned on text (the GLIDE-like baseline) skips the prior."""
+        prompts = [p for p in prompts for _ in range(n)]
+        seeds = [seed + i for i in range(len(prompts))]
+        if self.decoder.hparams.condition == "text":
+            z = self.embed_texts(prompts)
+        else:
+            z = self.prior_embeddings(prompts, seeds, prior_guidance)
+        return self.decode(z, seeds, prompts, **decode)
+
+    def variations(self, image, n: int = 8, seed: int = 0, **decode) -> np.ndarray:
+        """n decodings of one image's CLIP embedding, each from fresh noise."""
+        z = self.embed_images([image]).repeat(n, 1)
+        return self.decode(z, [seed + i for i in range(n)], **decode)
+
+    def interpolate(self, a, b, n: int = 8, seed: int = 0, **decode) -> np.ndarray:
+        """Decodings of slerp(z_a, z_b, θ) for θ from 0 to 1 in n steps, all from the noise of `seed`."""
+        z_a, z_b = self.embed_images([a, b])
+        z = slerp(z_a, z_b, torch.linspace(0, 1, n))
+        return self.decode(z, [seed] * n, **decode)
+
+    def textdiff(self, image, from_text: str, to_text: str, n: int = 6, max_theta: float = 0.5, seed: int = 0,
+                 **decode) -> np.ndarray:  # fmt: skip
+        """Decodings of the image embedding rotated towards the text diff z_d = norm(z_t(to) − z_t(from)):
+        slerp(z_i, z_d, θ) for θ from 0 to max_theta, all from the noise of `seed`."""
+        z_i = self.embed_images([image])[0]
+        z_from, z_to = self.embed_texts([from_text, to_text])
+        z_d = F.normalize(z_to - z_from, dim=-1)
+        z = slerp(z_i, z_d, torch.linspace(0, max_theta, n))
+        return self.decode(z, [seed] * n, **decode)
