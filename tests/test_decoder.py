@@ -80,9 +80,11 @@ def test_sampling_shape_dtype_and_seeded(trained):
     torch.testing.assert_close(b, a[[2, 0]], atol=1e-5, rtol=0)
     assert not torch.allclose(decoder.sample(z[:1], [99], steps=4), a[:1])
     upsampler = load_upsampler(root / "models" / "tiny" / "upsampler")
-    high = upsampler.sample(a, [1, 2, 3], steps=4)
+    z_up = torch.nn.functional.normalize(torch.randn(3, upsampler.config.dim), dim=-1)
+    high = upsampler.sample(a, [1, 2, 3], z_up, steps=4)
     assert high.shape == (3, 3, 32, 32)
-    torch.testing.assert_close(upsampler.sample(a[1:2], [2], steps=4), high[1:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(upsampler.sample(a[1:2], [2], z_up[1:2], steps=4), high[1:2], atol=1e-5, rtol=0)
+    assert not torch.allclose(upsampler.sample(a, [1, 2, 3], steps=4), high)  # the embedding is an input
 
 
 def test_loading_an_export_reproduces_the_module(trained, tmp_path):
@@ -210,7 +212,8 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
     summary = evaluate(str(REPO / "configs/data/tiny.yaml"), root / "models" / "tiny", tmp_path / "eval", captions=3, per_caption=2,
                        guidance_scales=(1.0,), steps=3, upsampler_steps=2, data_root=config.data_root)  # fmt: skip
     cells = {(r["system"], r["guidance"], r["split"]) for r in summary["results"]}
-    assert cells == {(s, g, split) for s in ("unclip", "glide_like") for g in (1.0, 3.0) for split in ("val", "heldout")}
+    expected = {(s, g, split) for s in ("unclip", "glide_like") for g in (1.0, 3.0) for split in ("val", "heldout")}
+    assert cells == expected | {("unclip_full", 3.0, "val"), ("unclip_full", 3.0, "heldout")}
     for r in summary["results"]:
         assert 0 <= r["colour_accuracy"] <= 1 and -1 <= r["clip_score"] <= 1 and r["diversity_pixels"] >= 0 and r["images"] == 6
     assert len(summary["diversity_at_equal_clip_score"]) == 4

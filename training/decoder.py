@@ -173,7 +173,8 @@ class UpsamplerModule(ImageDiffusionModule):
     def __init__(self, upsampler: dict, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
                  max_steps: int = 2000, ema_decay: float = 0.999, blur_prob: float = 0.5,
                  blur_sigma: tuple[float, float] = (0.4, 0.8), train_crop: int = 0, sample_steps: int = 25,
-                 sample_eta: float = 1.0, prediction_type: str = "v_prediction", seed: int = 0):  # fmt: skip
+                 sample_eta: float = 1.0, prediction_type: str = "v_prediction", cond_drop_prob: float = 0.1,
+                 seed: int = 0):  # fmt: skip
         """`train_crop`: side of the random crops trained on (0 = whole images; a multiple of 4)."""
         super().__init__()
         self.save_hyperparameters()
@@ -193,28 +194,34 @@ class UpsamplerModule(ImageDiffusionModule):
         blur = torch.rand(b, generator=generator, device=low.device) < hp.blur_prob
         low = torch.where(blur[:, None, None, None], gaussian_blur(low, sigma), low)
         cond = upsample(low, self.config.image_size)
+        z = batch["z_i"].float() if self.config.dim else None
+        drop_z = torch.rand(b, generator=generator, device=low.device) < hp.cond_drop_prob
         if hp.train_crop and hp.train_crop < self.config.image_size:
             c = hp.train_crop
             corners = torch.randint(0, self.config.image_size - c + 1, (b, 2), generator=generator, device=low.device).tolist()
             high = torch.stack([high[i, :, y : y + c, x : x + c] for i, (y, x) in enumerate(corners)])
             cond = torch.stack([cond[i, :, y : y + c, x : x + c] for i, (y, x) in enumerate(corners)])
         x_t, t, noise = self.noised(high, generator)
-        return F.mse_loss(net(x_t, t, cond), noise)
+        return F.mse_loss(net(x_t, t, cond, z, drop_z), noise)
 
     @torch.no_grad()
-    def sample(self, low: torch.Tensor, seeds: list[int], steps: int | None = None, net: torch.nn.Module | None = None) -> torch.Tensor:
-        """Images (B, 3, S, S) in [-1, 1] from low-resolution images (B, 3, S/4, S/4) in [-1, 1]."""
+    def sample(self, low: torch.Tensor, seeds: list[int], z: torch.Tensor | None = None, steps: int | None = None,
+               net: torch.nn.Module | None = None) -> torch.Tensor:  # fmt: skip
+        """Images (B, 3, S, S) in [-1, 1] from low-resolution images (B, 3, S/4, S/4) in [-1, 1] and, for an
+        upsampler built with dim > 0, their CLIP image embeddings z (B, D) (None: zeroed, as dropped in training)."""
         net = net or self.ema
         low = low.to(self.device).float()
+        if self.config.dim:  # no z: the zeroed embedding it learned from the 10% dropped in training
+            z = z.to(self.device).float() if z is not None else torch.zeros(len(low), self.config.dim, device=self.device)
         size = low.shape[-1] * self.config.factor
         cond = upsample(low, size)
         noise = seeded_noise(seeds, (3, size, size)).to(self.device)
-        x_0 = ddim_sample(lambda x_t, t: net(x_t, t, cond), noise, steps or self.hparams.sample_steps, self.hparams.prediction_type,
+        x_0 = ddim_sample(lambda x_t, t: net(x_t, t, cond, z), noise, steps or self.hparams.sample_steps, self.hparams.prediction_type,
                           clip_sample=True, eta=self.hparams.sample_eta, seeds=seeds)  # fmt: skip
         return x_0.clamp(-1, 1)
 
     def grid(self, batch):
         high = downsample(batch["image"], self.config.image_size)
         low = self.low_resolution(high)
-        samples = self.sample(low, list(range(len(low)))).to(high.device)
+        samples = self.sample(low, list(range(len(low))), batch["z_i"]).to(high.device)
         return torch.cat([upsample(low, self.config.image_size), samples, high]), len(samples)  # bicubic, sampled, real

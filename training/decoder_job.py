@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 
 from embeddings import store
-from embeddings.config import load_job_config
+from embeddings.config import ConfigError, load_job_config
 from training.decoder import DecoderModule, UpsamplerModule
 from training.decoder_data import ImageEmbeddingDataModule
 from training.decoder_net import DecoderConfig, UpsamplerConfig
@@ -25,7 +25,7 @@ RUN_KEYS = ("data", "data_root", "name", "export", "lr", "weight_decay", "warmup
             "devices", "num_nodes", "strategy", "val_every", "checkpoint_every", "log_every", "resume", "models_root",
             "outputs_root")  # fmt: skip
 DECODER_KEYS = RUN_KEYS + ("decoder", "condition", "cond_drop_prob", "text_drop_prob", "text_tokens", "guidance_scale")
-UPSAMPLER_KEYS = RUN_KEYS + ("upsampler", "blur_prob", "blur_sigma", "train_crop")
+UPSAMPLER_KEYS = RUN_KEYS + ("upsampler", "blur_prob", "blur_sigma", "train_crop", "cond_drop_prob")
 RUN_DEFAULTS = dict(data_root=None, name=None, lr=1e-3, weight_decay=0.0, warmup_steps=200, max_steps=2000, batch_size=64,
                     num_workers=0, seed=0, shuffle_buffer=2048, ema_decay=0.999, sample_eta=1.0, prediction_type="v_prediction", val_samples=256, precision="auto",
                     accelerator="auto", devices=1, num_nodes=1, strategy="auto", val_every=500, checkpoint_every=500,
@@ -44,10 +44,8 @@ def load_upsampler_config(path: str | Path, overrides: list[str] | None = None) 
 
 def _fit(kind: str, module, settings: dict, image_size: int) -> dict:
     """Shared by both jobs: data, trainer, fit with resume, export of the EMA weights by rank 0."""
-    from pipelines.data_config import load_data_config
-
     s = {**RUN_DEFAULTS, **settings}
-    layout = load_data_config(s["data"], [f"data_root={s['data_root']}"] if s["data_root"] else None).layout
+    layout = _layout(s)
     manifest = store.read_manifest(layout.embeddings)
     name = s["name"] or layout.root.name
     export = s.get("export") or kind
@@ -91,24 +89,33 @@ def train_decoder(**settings) -> dict:
 
 def train_upsampler(**settings) -> dict:
     """Train the 4× upsampler of a checked config (see configs/decoder/upsampler-*.yaml); exports models/<name>/upsampler/."""
-    s = {**RUN_DEFAULTS, "blur_prob": 0.5, "blur_sigma": (0.4, 0.8), "train_crop": 0, "sample_steps": 25, **settings}
+    s = {**RUN_DEFAULTS, "blur_prob": 0.5, "blur_sigma": (0.4, 0.8), "train_crop": 0, "sample_steps": 25, "cond_drop_prob": 0.1,
+         **settings}  # fmt: skip
+    upsampler = dict(s["upsampler"])
+    if upsampler.get("dim"):
+        _check_dim("upsampler", upsampler["dim"], store.read_manifest(_layout(s).embeddings))
     L.seed_everything(s["seed"], workers=True)
-    module = UpsamplerModule(s["upsampler"], lr=s["lr"], weight_decay=s["weight_decay"], warmup_steps=s["warmup_steps"],
+    module = UpsamplerModule(upsampler, cond_drop_prob=s["cond_drop_prob"], lr=s["lr"], weight_decay=s["weight_decay"], warmup_steps=s["warmup_steps"],
                              max_steps=s["max_steps"], ema_decay=s["ema_decay"], blur_prob=s["blur_prob"],
                              blur_sigma=tuple(s["blur_sigma"]), train_crop=s["train_crop"], sample_steps=s["sample_steps"],
                              sample_eta=s["sample_eta"], prediction_type=s["prediction_type"], seed=s["seed"])  # fmt: skip
     return _fit("upsampler", module, s, module.config.image_size)
 
 
-def _manifest(s: dict) -> dict:
+def _layout(s: dict):
     from pipelines.data_config import load_data_config
 
-    layout = load_data_config(s["data"], [f"data_root={s['data_root']}"] if s.get("data_root") else None).layout
-    manifest = store.read_manifest(layout.embeddings)
-    if s["decoder"].get("dim", manifest["dim"]) != manifest["dim"]:
-        from embeddings.config import ConfigError
+    return load_data_config(s["data"], [f"data_root={s['data_root']}"] if s.get("data_root") else None).layout
 
-        raise ConfigError(f"decoder.dim {s['decoder']['dim']} disagrees with the embeddings' dim {manifest['dim']}")
+
+def _check_dim(kind: str, dim: int, manifest: dict) -> None:
+    if dim != manifest["dim"]:
+        raise ConfigError(f"{kind}.dim {dim} disagrees with the embeddings' dim {manifest['dim']}")
+
+
+def _manifest(s: dict) -> dict:
+    manifest = store.read_manifest(_layout(s).embeddings)
+    _check_dim("decoder", s["decoder"].get("dim", manifest["dim"]), manifest)
     return manifest
 
 

@@ -9,7 +9,9 @@ for unCLIP, the CLIP text embedding for the GLIDE-like baseline (same network, s
 
 Upsampler: ε = upsampler(x_t, t, low), the low-resolution image upsampled (bicubic) to x_t's size
 and concatenated as 3 extra input channels; convolutional only, so it trains on random crops and
-samples whole images.
+samples whole images. The paper's upsamplers see only the low-resolution image; with `dim > 0` this
+one also adds the projected CLIP image embedding to its timestep embedding, so that where the base
+decoder drew a blob, the embedding can still say which shape it is.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class UpsamplerConfig:
 
     image_size: int = 64
     factor: int = 4
+    dim: int = 0  # > 0: also conditioned on the CLIP image embedding (added to the timestep embedding)
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     norm_groups: int = 16
@@ -97,7 +100,8 @@ class Decoder(nn.Module):
 
 
 class Upsampler(nn.Module):
-    """ε = upsampler(x_t, t, low): low is (B, 3, h, w) at 1/factor of x_t's resolution."""
+    """ε = upsampler(x_t, t, low, z): low is (B, 3, h, w) at 1/factor of x_t's resolution; z (B, D) only
+    when config.dim > 0, zeroed where drop_z."""
 
     def __init__(self, config: UpsamplerConfig):
         super().__init__()
@@ -107,10 +111,22 @@ class Upsampler(nn.Module):
             sample_size=c.image_size, in_channels=6, out_channels=3, block_out_channels=tuple(c.channels),
             layers_per_block=c.layers_per_block, norm_num_groups=c.norm_groups,
             down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
+            class_embed_type="identity" if c.dim else None,
         )  # fmt: skip
+        self.to_time = nn.Linear(c.dim, 4 * c.channels[0]) if c.dim else None  # into the timestep embedding's width
+        self.scale = math.sqrt(c.dim) if c.dim else 1.0
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        return self.unet(torch.cat([x_t, upsample(low, x_t.shape[-1])], dim=1), t).sample
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, low: torch.Tensor, z: torch.Tensor | None = None,
+                drop_z: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        labels = None
+        if self.to_time is not None:
+            if z is None:
+                raise ValueError("this upsampler was built with dim > 0: pass the CLIP image embedding z")
+            z = z * self.scale
+            if drop_z is not None:
+                z = torch.where(drop_z[:, None], torch.zeros_like(z), z)
+            labels = self.to_time(z)
+        return self.unet(torch.cat([x_t, upsample(low, x_t.shape[-1])], dim=1), t, class_labels=labels).sample
 
 
 def upsample(low: torch.Tensor, size: int) -> torch.Tensor:

@@ -31,8 +31,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> torch.Tensor
 class UnCLIP:
     """The trained system: CLIP, prior, decoder and (optionally) upsampler, loaded from one folder."""
 
-    def __init__(self, encoder, decoder, prior=None, upsampler=None):
+    def __init__(self, encoder, decoder, prior=None, upsampler=None, upsampler_embedding: bool = True):
+        """`upsampler_embedding` False: an embedding-conditioned upsampler gets the zeroed embedding."""
         self.encoder, self.decoder, self.prior, self.upsampler = encoder, decoder, prior, upsampler
+        self.upsampler_embedding = upsampler_embedding
 
     @classmethod
     def load(cls, folder: str | Path, decoder: str = "decoder", device: str = "cpu") -> UnCLIP:
@@ -82,7 +84,10 @@ class UnCLIP:
         """CLIP vectors (N, D) → uint8 images: the decoder, then the upsampler when there is one."""
         images = self.decoder.sample(z, seeds, captions, steps=steps, guidance_scale=guidance_scale)
         if upsample and self.upsampler is not None:
-            images = self.upsampler.sample(images, [s + 7_919 for s in seeds], steps=upsampler_steps)
+            # The upsampler reads the CLIP image embedding where it has one; a text-conditioned decoder
+            # (the baseline) has none, so its upsampler input is the zeroed embedding.
+            z_i = z if self.decoder.hparams.condition == "image" and self.upsampler_embedding else None
+            images = self.upsampler.sample(images, [s + 7_919 for s in seeds], z_i, steps=upsampler_steps)
         return to_uint8(images)
 
     def prior_embeddings(self, prompts: list[str], seeds: list[int], prior_guidance: float | None = None) -> torch.Tensor:

@@ -12,10 +12,14 @@ Per (system, scale, set) it measures:
 - Fréchet distance between generated and real image embeddings of the same split (CLIP space);
 - diversity: mean pairwise distance between the images drawn for the same caption, in pixels (RMS,
   0–1 scale) and in CLIP space (1 − cosine).
+
+Both systems go through the same upsampler without an image embedding, so the comparison is between
+the decoders; `unclip_full` is the whole unCLIP chain (its upsampler reading z_i) at the default scale.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +96,9 @@ def diversity_at_equal_clip_score(results: list[dict], system: str, baseline: st
     return out
 
 
-def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | Path = "outputs/eval", *, captions: int = 16,
-             per_caption: int = 4, guidance_scales: tuple[float, ...] = (1.0, 3.0, 6.0), steps: int = 25,
-             upsampler_steps: int = 15, baseline: str = "decoder-text", seed: int = 0, data_root: str | None = None) -> dict:  # fmt: skip
+def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | Path = "outputs/eval", *, captions: int = 10,
+             per_caption: int = 4, guidance_scales: tuple[float, ...] = (1.0, 1.5, 3.0), steps: int = 40,
+             upsampler_steps: int = 8, baseline: str = "decoder-text", seed: int = 0, data_root: str | None = None) -> dict:  # fmt: skip
     """Run the comparison; writes metrics.json, table.md, guidance.png, captions.txt and sample grids to out_dir."""
     from tqdm import tqdm
 
@@ -104,24 +108,29 @@ def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | 
 
     layout = load_data_config(data, [f"data_root={data_root}"] if data_root else None).layout
     out_dir = Path(out_dir)
-    unclip = UnCLIP.load(models)
-    systems = {"unclip": unclip}
+    full = UnCLIP.load(models)
+    # The comparison isolates the decoders: both go through the upsampler without an embedding
+    # (the baseline has no image embedding to give it). The whole unCLIP chain is measured beside it.
+    systems = {"unclip": UnCLIP(full.encoder, full.decoder, full.prior, full.upsampler, upsampler_embedding=False)}
     if (Path(models) / baseline / "config.json").is_file():
-        systems["glide_like"] = UnCLIP(unclip.encoder, load_decoder(Path(models) / baseline, unclip.encoder.checksum), None,
-                                       unclip.upsampler)  # fmt: skip
+        systems["glide_like"] = UnCLIP(full.encoder, load_decoder(Path(models) / baseline, full.encoder.checksum), None,
+                                       full.upsampler)  # fmt: skip
     else:
         print(f"no baseline decoder in {Path(models) / baseline}: run `make train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml`")
     sets = {split: eval_rows(layout.embeddings, split, captions, seed) for split in ("val", "heldout")}
-    default_scale = float(unclip.decoder.hparams.guidance_scale)
+    default_scale = float(full.decoder.hparams.guidance_scale)
     scales = sorted(set(map(float, guidance_scales)) | {default_scale})
     results = []
     jobs = [(s, g, split) for s in systems for g in scales for split in sets]
+    if full.upsampler is not None and full.upsampler.config.dim:
+        systems["unclip_full"] = full
+        jobs += [("unclip_full", default_scale, split) for split in sets]
     for system, scale, split in tqdm(jobs, desc="eval", unit="cell"):
         rows, real = sets[split]
         prompts = [r["caption"] for r in rows]
         images = systems[system].text_to_image(prompts, per_caption, seed, guidance_scale=scale, steps=steps,
                                                upsampler_steps=upsampler_steps)  # fmt: skip
-        results.append({"system": system, "guidance": scale, "split": split, **score(images, rows, per_caption, unclip.encoder, real)})
+        results.append({"system": system, "guidance": scale, "split": split, **score(images, rows, per_caption, full.encoder, real)})
         if scale == default_scale:
             save_grid(images, out_dir / f"samples-{split}-{system}.png", columns=per_caption * 4)
     summary = {"data": data, "models": str(models), "captions_per_set": captions, "per_caption": per_caption,
@@ -159,7 +168,8 @@ def plot_guidance(results: list[dict], path: Path) -> None:
     panels = [("colour_accuracy", "colour accuracy"), ("shape_accuracy", "shape accuracy"), ("clip_score", "CLIP score"),
               ("diversity_pixels", "diversity (pixel RMS)")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.4))
-    for (system, split), style in zip(sorted({(r["system"], r["split"]) for r in results}), ("-o", "--o", "-s", "--s")):
+    combos = sorted({(r["system"], r["split"]) for r in results})
+    for (system, split), style in zip(combos, itertools.cycle(("-o", "--o", "-s", "--s", "-^", "--^"))):
         points = sorted((r for r in results if r["system"] == system and r["split"] == split), key=lambda r: r["guidance"])
         for ax, (metric, label) in zip(axes, panels):
             ax.plot([p["guidance"] for p in points], [p[metric] for p in points], style, label=f"{system} ({split})")
