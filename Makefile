@@ -50,15 +50,15 @@ DEMO_OUT ?= outputs/demo
 # trainers continue from their last checkpoint (`make clean` starts afresh).
 demo: setup ## the whole pipeline on the embedded default (committed CLIP): data → ... → eval; results in outputs/demo/
 	@start=$$(date +%s); stage() { s=$$(date +%s); $(MAKE) --no-print-directory "$$@" || exit 1; \
-		echo "[demo] $$1 done in $$(( $$(date +%s) - s )) s (total $$(( $$(date +%s) - start )) s)"; }; \
+		echo "[demo] $$* done in $$(( $$(date +%s) - s )) s (total $$(( $$(date +%s) - start )) s)"; }; \
 	stage data download embed index eval-clip CONFIG=$(CONFIG) && \
 	stage train-prior && stage train-decoder && stage train-upsampler && \
 	stage train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml && \
-	stage sample PROMPTS=$(DEMO_PROMPTS) N=6 OUT=$(DEMO_OUT)/sample.png && \
+	stage sample PROMPTS=$(DEMO_PROMPTS) N=4 OUT=$(DEMO_OUT)/sample.png && \
 	stage eval OUT=$(DEMO_OUT) && \
 	stage knn QUERY="$$(head -1 $(DEMO_PROMPTS))" KNN_OUT=$(DEMO_OUT) && \
 	echo "demo done in $$(( $$(date +%s) - start )) s. Results in $(DEMO_OUT)/:" && \
-	echo "  sample.png (held-out prompts, 6 samples each)  samples-*-*.png (eval grids)  metrics.json  table.md" && \
+	echo "  sample.png (held-out prompts, 4 samples each)  samples-*-*.png (eval grids)  metrics.json  table.md" && \
 	echo "  guidance.png (accuracy, CLIP score, diversity against guidance)  losses.png (training curves)  *.html (knn page)" && \
 	echo "Models in models/synthetic/ (clip prior decoder upsampler decoder-text); data in data/synthetic/."
 

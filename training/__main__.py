@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/data/synthetic.yaml", help="data set config")
     p.add_argument("--models", default="models/synthetic")
     p.add_argument("--out", default="outputs/eval")
-    p.add_argument("--captions", type=int, default=10, help="captions per set (val, heldout)")
+    p.add_argument("--captions", type=int, default=8, help="captions per set (val, heldout)")
     p.add_argument("--per-caption", type=int, default=4, help="images drawn per caption (diversity)")
     p.add_argument("--scales", default="1,1.5,3", help="decoder guidance scales, comma-separated")
     p.add_argument("--steps", type=int, default=40, help="decoder sampling steps")

@@ -96,7 +96,7 @@ def diversity_at_equal_clip_score(results: list[dict], system: str, baseline: st
     return out
 
 
-def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | Path = "outputs/eval", *, captions: int = 10,
+def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | Path = "outputs/eval", *, captions: int = 8,
              per_caption: int = 4, guidance_scales: tuple[float, ...] = (1.0, 1.5, 3.0), steps: int = 40,
              upsampler_steps: int = 8, baseline: str = "decoder-text", seed: int = 0, data_root: str | None = None) -> dict:  # fmt: skip
     """Run the comparison; writes metrics.json, table.md, guidance.png, captions.txt and sample grids to out_dir."""
