@@ -42,11 +42,9 @@ def load_upsampler_config(path: str | Path, overrides: list[str] | None = None) 
     return load_job_config(path, overrides, UPSAMPLER_KEYS, ("data", "upsampler"), {"upsampler": UpsamplerConfig.__dataclass_fields__})
 
 
-def _fit(kind: str, module, settings: dict, image_size: int) -> dict:
+def _fit(kind: str, module, s: dict, layout, manifest: dict) -> dict:
     """Shared by both jobs: data, trainer, fit with resume, export of the EMA weights by rank 0."""
-    s = {**RUN_DEFAULTS, **settings}
-    layout = _layout(s)
-    manifest = store.read_manifest(layout.embeddings)
+    image_size = module.config.image_size
     name = s["name"] or layout.root.name
     export = s.get("export") or kind
     run_dir = Path(s["outputs_root"]) / f"train-{export}-{name}"
@@ -74,9 +72,10 @@ def train_decoder(**settings) -> dict:
     """Train the decoder of a checked config (see configs/decoder/); exports models/<name>/<export>/."""
     s = {**RUN_DEFAULTS, "condition": "image", "cond_drop_prob": 0.1, "text_drop_prob": 0.5, "text_tokens": "none",
          "sample_steps": 100, "guidance_scale": 3.0, **settings}  # fmt: skip
-    manifest = _manifest(s)
+    layout = _layout(s)
+    manifest = store.read_manifest(layout.embeddings)
     decoder = dict(s["decoder"])
-    decoder.setdefault("dim", manifest["dim"])
+    _check_dim("decoder", decoder.setdefault("dim", manifest["dim"]), manifest)
     L.seed_everything(s["seed"], workers=True)
     module = DecoderModule(decoder, condition=s["condition"], lr=s["lr"], weight_decay=s["weight_decay"],
                            warmup_steps=s["warmup_steps"], max_steps=s["max_steps"], ema_decay=s["ema_decay"],
@@ -84,22 +83,24 @@ def train_decoder(**settings) -> dict:
                            text_tokens=s["text_tokens"], clip=manifest["encoder"], sample_steps=s["sample_steps"],
                            guidance_scale=s["guidance_scale"], sample_eta=s["sample_eta"], prediction_type=s["prediction_type"],
                            seed=s["seed"])  # fmt: skip
-    return _fit("decoder", module, s, module.config.image_size)
+    return _fit("decoder", module, s, layout, manifest)
 
 
 def train_upsampler(**settings) -> dict:
     """Train the 4× upsampler of a checked config (see configs/decoder/upsampler-*.yaml); exports models/<name>/upsampler/."""
     s = {**RUN_DEFAULTS, "blur_prob": 0.5, "blur_sigma": (0.4, 0.8), "train_crop": 0, "sample_steps": 25, "cond_drop_prob": 0.1,
          **settings}  # fmt: skip
+    layout = _layout(s)
+    manifest = store.read_manifest(layout.embeddings)
     upsampler = dict(s["upsampler"])
     if upsampler.get("dim"):
-        _check_dim("upsampler", upsampler["dim"], store.read_manifest(_layout(s).embeddings))
+        _check_dim("upsampler", upsampler["dim"], manifest)
     L.seed_everything(s["seed"], workers=True)
     module = UpsamplerModule(upsampler, cond_drop_prob=s["cond_drop_prob"], lr=s["lr"], weight_decay=s["weight_decay"], warmup_steps=s["warmup_steps"],
                              max_steps=s["max_steps"], ema_decay=s["ema_decay"], blur_prob=s["blur_prob"],
                              blur_sigma=tuple(s["blur_sigma"]), train_crop=s["train_crop"], sample_steps=s["sample_steps"],
                              sample_eta=s["sample_eta"], prediction_type=s["prediction_type"], seed=s["seed"])  # fmt: skip
-    return _fit("upsampler", module, s, module.config.image_size)
+    return _fit("upsampler", module, s, layout, manifest)
 
 
 def _layout(s: dict):
@@ -113,27 +114,21 @@ def _check_dim(kind: str, dim: int, manifest: dict) -> None:
         raise ConfigError(f"{kind}.dim {dim} disagrees with the embeddings' dim {manifest['dim']}")
 
 
-def _manifest(s: dict) -> dict:
-    manifest = store.read_manifest(_layout(s).embeddings)
-    _check_dim("decoder", s["decoder"].get("dim", manifest["dim"]), manifest)
-    return manifest
+def _load(kind: str, module_class, folder: str | Path, clip_checksum: str | None, **fixes):
+    """An exported module (EMA weights in both net and ema), ready to sample."""
+    config, state = load_export(folder, kind, clip_checksum)
+    hp = {k: v for k, v in config["hparams"].items() if k != kind}
+    module = module_class(config[kind], **dict(hp, **{k: fix(config, hp) for k, fix in fixes.items()}))
+    module.ema.load_state_dict(state)
+    module.net.load_state_dict(state)
+    return module.eval()
 
 
 def load_decoder(folder: str | Path, clip_checksum: str | None = None) -> DecoderModule:
-    """An exported decoder (EMA weights), ready to sample; checks the CLIP if a checksum is given."""
-    config, state = load_export(folder, "decoder", clip_checksum)
-    hp = {k: v for k, v in config["hparams"].items() if k != "decoder"}
-    module = DecoderModule(config["decoder"], **dict(hp, clip=config["clip"]))
-    module.ema.load_state_dict(state)
-    module.net.load_state_dict(state)
-    return module.eval()
+    """An exported decoder, ready to sample; checks the CLIP if a checksum is given."""
+    return _load("decoder", DecoderModule, folder, clip_checksum, clip=lambda config, hp: config["clip"])
 
 
 def load_upsampler(folder: str | Path, clip_checksum: str | None = None) -> UpsamplerModule:
-    """An exported upsampler (EMA weights), ready to sample."""
-    config, state = load_export(folder, "upsampler", clip_checksum)
-    hp = {k: v for k, v in config["hparams"].items() if k != "upsampler"}
-    module = UpsamplerModule(config["upsampler"], **dict(hp, blur_sigma=tuple(hp["blur_sigma"])))
-    module.ema.load_state_dict(state)
-    module.net.load_state_dict(state)
-    return module.eval()
+    """An exported upsampler, ready to sample."""
+    return _load("upsampler", UpsamplerModule, folder, clip_checksum, blur_sigma=lambda config, hp: tuple(hp["blur_sigma"]))
