@@ -1,10 +1,10 @@
-"""Two-process DDP (gloo, CPU) run of the tiny prior, for tests/test_prior.py.
+"""Two-process runs of the tiny prior for tests: Lightning's DDP (gloo, CPU) or two Ray Train workers.
 
-    python tests/ddp_prior_run.py EMBEDDINGS_DIR OUT_DIR
+    python tests/ddp_prior_run.py EMBEDDINGS_DIR OUT_DIR [lightning|ray]
 
-Rewrites the train rows of EMBEDDINGS_DIR into three shards of uneven sizes under OUT_DIR (rank 0,
-before Lightning starts rank 1), trains one epoch on two CPU processes, and writes what each rank
-saw to OUT_DIR/rank{N}.json.
+Rewrites the train rows of EMBEDDINGS_DIR into three shards of uneven sizes under OUT_DIR (before
+any worker starts), trains one epoch on two CPU processes, and writes what each rank saw (keys of
+each batch, each step's loss, a checksum of the final weights) to OUT_DIR/rank{N}.json.
 """
 
 from __future__ import annotations
@@ -26,15 +26,18 @@ from training.trainer import build_trainer  # noqa: E402
 
 class Record(L.Callback):
     def __init__(self, out: Path):
-        self.out, self.batches = out, []
+        self.out, self.batches, self.losses = out, [], []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.batches.append(list(batch["key"]))
+        self.losses.append(float(outputs["loss"]))
 
     def on_train_end(self, trainer, module):
         stream = trainer.datamodule.train_stream(0)
-        report = {"batches": self.batches, "batches_per_epoch": stream.batches_per_epoch(),
-                  "shards": len(stream.shards), "shard_sizes": [s.count for s in stream.shards]}  # fmt: skip
+        weights = sum(float(p.double().abs().sum()) for p in module.net.parameters())
+        report = {"batches": self.batches, "losses": self.losses, "weights": weights,
+                  "batches_per_epoch": stream.batches_per_epoch(), "shards": len(stream.shards),
+                  "shard_sizes": [s.count for s in stream.shards]}  # fmt: skip
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
@@ -51,17 +54,36 @@ def prepare(source: Path, target: Path) -> None:
     shutil.copy(source / store.MANIFEST, target / store.MANIFEST)
 
 
-def main() -> None:
-    source, out = Path(sys.argv[1]), Path(sys.argv[2])
-    embeddings = out / "embeddings"
-    if os.environ.get("LOCAL_RANK", "0") == "0" and not (embeddings / store.MANIFEST).exists():
-        prepare(source, embeddings)
+def train(out: str, launcher: str = "lightning", **_) -> dict:
+    """One epoch (6 steps) of the tiny prior on two CPU processes; each rank writes its record."""
+    out = Path(out)
     L.seed_everything(0, workers=True)
     module = PriorModule({"dim": 32, "width": 32, "depth": 1, "heads": 2}, max_steps=6, eval_steps=2)
-    datamodule = PriorDataModule(str(embeddings), batch_size=16, num_workers=0)
-    trainer = build_trainer(out / "run", max_steps=6, precision="32-true", accelerator="cpu", devices=2,
-                            strategy="ddp", val_every=1000, checkpoint_every=1000, callbacks=[Record(out)])  # fmt: skip
+    datamodule = PriorDataModule(str(out / "embeddings"), batch_size=16, num_workers=0)
+    trainer = build_trainer(out / "run", max_steps=6, precision="32-true", accelerator="cpu", devices=2, strategy="ddp",
+                            val_every=1000, checkpoint_every=1000, callbacks=[Record(out)], launcher=launcher)  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
+    return {"step": trainer.global_step}
+
+
+def main() -> None:
+    source, out = Path(sys.argv[1]), Path(sys.argv[2]).resolve()
+    launcher = sys.argv[3] if len(sys.argv) > 3 else "lightning"
+    if os.environ.get("LOCAL_RANK", "0") == "0" and not (out / "embeddings" / store.MANIFEST).exists():
+        prepare(source, out / "embeddings")
+    if launcher == "lightning":
+        train(str(out))
+        return
+    import ray
+
+    from training.launch import ray_train
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        print(ray_train(train, {"out": str(out), "launcher": "ray", "devices": 2, "accelerator": "cpu",
+                                "outputs_root": str(out / "ray")}))  # fmt: skip
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

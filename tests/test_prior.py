@@ -122,14 +122,32 @@ def test_distinct_rank_ignores_images_of_the_same_scene():
     assert metrics["r_at_1_predicted"] == 0.75 and metrics["r_at_1_distinct_predicted"] == 1.0
 
 
-def test_two_process_ddp_sees_disjoint_samples_and_equal_batches(tiny_embed, tmp_path):
-    config, _ = tiny_embed
+def two_process_run(embeddings, out, launcher: str) -> list[dict]:
+    """tests/ddp_prior_run.py in a subprocess with `launcher`; what each of the two ranks saw."""
     script = REPO / "tests" / "ddp_prior_run.py"
-    result = subprocess.run([sys.executable, str(script), str(config.layout.embeddings), str(tmp_path)], cwd=REPO,
+    result = subprocess.run([sys.executable, str(script), str(embeddings), str(out), launcher], cwd=REPO,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def lightning_ddp(tiny_embed, tmp_path_factory):
+    return two_process_run(tiny_embed[0].layout.embeddings, tmp_path_factory.mktemp("ddp"), "lightning")
+
+
+def test_two_process_ddp_sees_disjoint_samples_and_equal_batches(lightning_ddp):
+    ranks = lightning_ddp
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) > 0
     seen = [set(k for batch in r["batches"][: r["batches_per_epoch"]] for k in batch) for r in ranks]
     assert not seen[0] & seen[1]
     assert ranks[0]["shards"] % 2 == 1 and len(set(ranks[0]["shard_sizes"])) > 1  # odd count, uneven sizes
+
+
+def test_ray_train_two_workers_match_lightning_ddp(lightning_ddp, tiny_embed, tmp_path):
+    """launcher: ray (Ray Train TorchTrainer, two CPU workers) = the same batches, losses and weights as DDP."""
+    ranks = two_process_run(tiny_embed[0].layout.embeddings, tmp_path, "ray")
+    for ray_rank, ddp_rank in zip(ranks, lightning_ddp):
+        assert ray_rank["batches"] == ddp_rank["batches"]
+        np.testing.assert_allclose(ray_rank["losses"], ddp_rank["losses"], rtol=1e-5)
+        assert ray_rank["weights"] == pytest.approx(ddp_rank["weights"], rel=1e-6)

@@ -74,16 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             metrics = train_clip(**load_clip_config(args.config, args.set))
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         elif args.job == "prior":
+            from training.launch import run_job
             from training.prior_job import load_prior_config, train_prior
 
-            metrics = train_prior(**load_prior_config(args.config, args.set))
+            metrics = run_job(train_prior, load_prior_config(args.config, args.set))
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         elif args.job in ("decoder", "upsampler"):
             from training import decoder_job
+            from training.launch import run_job
 
             load = decoder_job.load_decoder_config if args.job == "decoder" else decoder_job.load_upsampler_config
             train = decoder_job.train_decoder if args.job == "decoder" else decoder_job.train_upsampler
-            metrics = train(**load(args.config, args.set))
+            metrics = run_job(train, load(args.config, args.set))
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "join"})
         elif args.job in ("sample", "variations", "interpolate", "textdiff"):
             _generate(args)

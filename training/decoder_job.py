@@ -23,13 +23,13 @@ from training.trainer import build_trainer, resume_checkpoint
 RUN_KEYS = ("data", "data_root", "name", "export", "lr", "weight_decay", "warmup_steps", "max_steps", "batch_size",
             "num_workers", "seed", "shuffle_buffer", "ema_decay", "sample_steps", "sample_eta", "prediction_type", "val_samples", "precision", "accelerator",
             "devices", "num_nodes", "strategy", "val_every", "checkpoint_every", "log_every", "resume", "models_root",
-            "outputs_root")  # fmt: skip
+            "outputs_root", "launcher")  # fmt: skip
 DECODER_KEYS = RUN_KEYS + ("decoder", "condition", "cond_drop_prob", "text_drop_prob", "text_tokens", "guidance_scale")
 UPSAMPLER_KEYS = RUN_KEYS + ("upsampler", "blur_prob", "blur_sigma", "train_crop", "cond_drop_prob")
 RUN_DEFAULTS = dict(data_root=None, name=None, lr=1e-3, weight_decay=0.0, warmup_steps=200, max_steps=2000, batch_size=64,
                     num_workers=0, seed=0, shuffle_buffer=2048, ema_decay=0.999, sample_eta=1.0, prediction_type="v_prediction", val_samples=256, precision="auto",
                     accelerator="auto", devices=1, num_nodes=1, strategy="auto", val_every=500, checkpoint_every=500,
-                    log_every=25, resume="auto", models_root="models", outputs_root="outputs")  # fmt: skip
+                    log_every=25, resume="auto", models_root="models", outputs_root="outputs", launcher="lightning")  # fmt: skip
 
 
 def load_decoder_config(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -53,7 +53,7 @@ def _fit(kind: str, module, s: dict, layout, manifest: dict) -> dict:
                                           s["num_workers"], s["seed"], s["shuffle_buffer"], s["val_samples"])  # fmt: skip
     trainer = build_trainer(run_dir, max_steps=s["max_steps"], precision=s["precision"], accelerator=s["accelerator"],
                             devices=s["devices"], num_nodes=s["num_nodes"], strategy=s["strategy"], val_every=s["val_every"],
-                            checkpoint_every=s["checkpoint_every"], log_every=s["log_every"])  # fmt: skip
+                            checkpoint_every=s["checkpoint_every"], log_every=s["log_every"], launcher=s["launcher"])  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, s["resume"]))
     if not trainer.is_global_zero:
         return {"step": trainer.global_step}

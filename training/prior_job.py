@@ -23,7 +23,7 @@ from training.trainer import build_trainer, resume_checkpoint
 TRAIN_KEYS = ("data", "data_root", "name", "prior", "lr", "weight_decay", "warmup_steps", "max_steps", "batch_size",
               "num_workers", "seed", "shuffle_buffer", "ema_decay", "cond_drop_prob", "eval_steps", "guidance_scale",
               "candidates", "text_tokens", "precision", "accelerator", "devices", "num_nodes", "strategy", "val_every",
-              "checkpoint_every", "log_every", "resume", "models_root", "outputs_root")  # fmt: skip
+              "checkpoint_every", "log_every", "resume", "models_root", "outputs_root", "launcher")  # fmt: skip
 
 
 def load_prior_config(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -37,7 +37,8 @@ def train_prior(data: str, prior: dict, *, data_root: str | None = None, name: s
                 cond_drop_prob: float = 0.1, eval_steps: int = 64, guidance_scale: float = 1.0, candidates: int = 2,
                 text_tokens: str = "none", precision: str = "auto", accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
                 strategy: str = "auto", val_every: int = 1000, checkpoint_every: int = 500, log_every: int = 25,
-                resume: str | None = "auto", models_root: str = "models", outputs_root: str = "outputs") -> dict:  # fmt: skip
+                resume: str | None = "auto", models_root: str = "models", outputs_root: str = "outputs",
+                launcher: str = "lightning") -> dict:  # fmt: skip
     """Train the prior on the embeddings of data config `data`; export to models/<name>/prior/; returns metrics."""
     from pipelines.data_config import load_data_config
 
@@ -56,7 +57,7 @@ def train_prior(data: str, prior: dict, *, data_root: str | None = None, name: s
     datamodule = PriorDataModule(str(layout.embeddings), batch_size, num_workers, seed, shuffle_buffer)
     trainer = build_trainer(run_dir, max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
                             num_nodes=num_nodes, strategy=strategy, val_every=val_every,
-                            checkpoint_every=checkpoint_every, log_every=log_every)  # fmt: skip
+                            checkpoint_every=checkpoint_every, log_every=log_every, launcher=launcher)  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, resume))
     if trainer.is_global_zero:  # the final figures, outside Lightning so no rank waits on another
         metrics = {"step": trainer.global_step, **evaluate_module(module, datamodule)}

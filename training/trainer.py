@@ -39,12 +39,22 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
 
 def build_trainer(run_dir: str | Path, *, max_steps: int, precision: str = "auto", accelerator: str = "auto",
                   devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto", val_every: int = 500,
-                  checkpoint_every: int = 500, log_every: int = 25, callbacks: list | None = None) -> L.Trainer:  # fmt: skip
-    """A Trainer that logs CSV and TensorBoard under run_dir, checkpoints every N steps and keeps last.ckpt."""
+                  checkpoint_every: int = 500, log_every: int = 25, callbacks: list | None = None,
+                  launcher: str = "lightning") -> L.Trainer:  # fmt: skip
+    """A Trainer that logs CSV and TensorBoard under run_dir, checkpoints every N steps and keeps last.ckpt.
+
+    launcher 'ray': this process is a Ray Train worker (training/launch.py); Ray's DDP strategy and
+    cluster environment replace devices, num_nodes and strategy.
+    """
     run_dir = Path(run_dir)
+    plugins = None
+    if launcher == "ray":
+        from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+
+        strategy, plugins, devices, num_nodes = RayDDPStrategy(), [RayLightningEnvironment()], "auto", 1
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=checkpoint_every,
                                  save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)  # fmt: skip
-    return L.Trainer(
+    trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=max_steps,
         max_epochs=-1,
@@ -53,6 +63,7 @@ def build_trainer(run_dir: str | Path, *, max_steps: int, precision: str = "auto
         devices=devices,
         num_nodes=num_nodes,
         strategy=strategy,
+        plugins=plugins,
         logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")],
         callbacks=[checkpoint, LearningRateMonitor("step"), TQDMProgressBar(refresh_rate=10), *(callbacks or [])],
         val_check_interval=val_every,
@@ -62,6 +73,11 @@ def build_trainer(run_dir: str | Path, *, max_steps: int, precision: str = "auto
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
+    if launcher == "ray":
+        from ray.train.lightning import prepare_trainer
+
+        trainer = prepare_trainer(trainer)
+    return trainer
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, floor: float = 0.05) -> float:
