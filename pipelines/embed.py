@@ -50,6 +50,13 @@ def passthrough_table(tar_path: Path, keys: list[str], samples: list[dict]) -> p
     return pa.Table.from_pylist(rows) if rows and rows[0] else pa.table({})
 
 
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class ShardEmbedder:
     """Embeds whole shards with one loaded encoder; the body of each Ray actor."""
 
@@ -114,9 +121,80 @@ class ShardEmbedder:
             if name not in table.column_names:
                 table = table.append_column(name, extra.column(name))
         name = store.shard_name(tar_path)
-        record = {"shard": name, "rows_written": len(keys), "skipped": dict(skipped), "seconds": round(time.time() - start, 2)}
+        record = {"shard": name, "rows_written": len(keys), "skipped": dict(skipped), "seconds": round(time.time() - start, 2),
+                  "node": _node_id()}
         store.write_shard(self.output_dir, name, table, record)
         return record
+
+
+def start_actors(cls: type, args: tuple, num_actors: int | None, cpus_per_actor: float | None, shards: int) -> list:
+    """The embedding actors: one per GPU where the cluster has GPUs; else one per node (all its CPUs).
+
+    `num_actors` and `cpus_per_actor` override the counts. CPU actors are pinned softly to their node,
+    so the work spreads over every node of a cluster; a lost actor is not restarted (run_shards hands
+    its shard to the others).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    placements = []  # (cpus, gpus, scheduling strategy) of each actor
+    if gpus:
+        cpus = cpus_per_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // gpus - 1)
+        placements = [(cpus, 1, "SPREAD")] * max(1, min(num_actors or gpus, shards))
+    else:
+        n_actors = max(1, min(num_actors or len(nodes), shards))
+        per_node = -(-n_actors // len(nodes))
+        for i in range(n_actors):
+            node = nodes[i % len(nodes)]
+            cpus = cpus_per_actor or max(1, int(node["Resources"]["CPU"]) // per_node)
+            placements.append((cpus, 0, NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)))
+    actors = []
+    for cpus, n_gpus, strategy in placements:
+        options = dict(num_cpus=cpus, num_gpus=n_gpus, scheduling_strategy=strategy, max_restarts=0,
+                       runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(cpus))}})  # fmt: skip
+        actors.append(ray.remote(cls).options(**options).remote(*args))
+    return actors
+
+
+def live_actors(actors: list) -> tuple[list, dict]:
+    """The actors that started (one placed on a node that has just died never does) and the encoder's info."""
+    import ray
+
+    live, info = [], None
+    for actor in actors:
+        try:
+            info = ray.get(actor.info.remote())
+            live.append(actor)
+        except ray.exceptions.RayActorError as err:
+            print(f"[embed] an embedding actor did not start ({type(err).__name__}); going on without it", flush=True)
+    if not live:
+        raise RuntimeError("no embedding actor could start on the cluster")
+    return live, info
+
+
+def run_shards(actors: list, tars: list[Path]):
+    """Yield each tar's record as actors finish them; a shard whose actor dies (its node lost) goes to another."""
+    import ray
+
+    queue, running, idle = list(tars), {}, list(actors)
+    while queue or running:
+        while queue and idle:
+            actor, tar = idle.pop(), queue.pop(0)
+            running[actor.process.remote(str(tar))] = (actor, tar)
+        if not running:
+            raise RuntimeError(f"every embedding actor was lost; {len(queue)} shards left: run the job again to finish them")
+        [ready], _ = ray.wait(list(running), num_returns=1)
+        actor, tar = running.pop(ready)
+        try:
+            record = ray.get(ready)
+        except ray.exceptions.RayActorError as err:
+            print(f"[embed] lost the actor embedding {tar.name} ({type(err).__name__}); the shard goes to another actor", flush=True)
+            queue.insert(0, tar)
+            continue
+        idle.append(actor)
+        yield record
 
 
 def embed(
@@ -132,8 +210,8 @@ def embed(
 ) -> dict:
     """Embed every finished tar of `shards_dir` into `output_dir`; returns the manifest.
 
-    `encoder` holds EncoderSpec fields (model, weights, pretrained, precision, device). On a machine
-    with GPUs there is one actor per GPU; otherwise `num_actors` (default 1) actors share the CPUs.
+    `encoder` holds EncoderSpec fields (model, weights, pretrained, precision, device). On a cluster
+    with GPUs there is one actor per GPU; otherwise one per node (see start_actors).
     """
     import ray
 
@@ -154,27 +232,15 @@ def embed(
         return store.write_manifest(output_dir, manifest["encoder"], manifest["dtype"], dict(sorted(done.items())), complete=True)
 
     with ray_session():
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        n_actors = num_actors or (gpus if gpus else 1)
-        n_actors = max(1, min(n_actors, len(todo) or 1))
-        per_actor_cpus = cpus_per_actor or (max(1, cpus // max(gpus, 1) - 1) if gpus else max(1, cpus // n_actors))
-        actor_class = ray.remote(ShardEmbedder).options(
-            num_cpus=per_actor_cpus,
-            num_gpus=1 if gpus else 0,
-            max_restarts=3,
-            max_task_retries=3,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(per_actor_cpus))}},
-        )
-        actors = [actor_class.remote(spec, str(output_dir), dtype, batch_size, decode_threads) for _ in range(n_actors)]
-        info = ray.get(actors[0].info.remote())
+        actors = start_actors(ShardEmbedder, (spec, str(output_dir), dtype, batch_size, decode_threads), num_actors,
+                              cpus_per_actor, len(todo))  # fmt: skip
+        actors, info = live_actors(actors)
         if (output_dir / store.MANIFEST).exists():
             store.check_compatible(store.read_manifest(output_dir), info)
         # Written first (complete: false) so that a rerun after a kill checks the encoder too.
         store.write_manifest(output_dir, info, dtype, dict(sorted(done.items())), complete=False)
         with tqdm(total=sum(tar_info(t)[0] for t in todo), unit="sample", desc=f"embed {len(todo)}/{len(tars)} shards") as bar:
-            pool = ray.util.ActorPool(actors)
-            for record in pool.map_unordered(lambda actor, tar: actor.process.remote(str(tar)), todo):
+            for record in run_shards(actors, todo):
                 done[record["shard"]] = record
                 bar.update(record["rows_written"] + sum(record["skipped"].values()))
         for actor in actors:

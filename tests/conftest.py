@@ -80,14 +80,34 @@ def tiny_embed(tiny_download, tiny_clip_dir):
     return config, run_embed(config)
 
 
+def session_processes(sid: int) -> list[int]:
+    """Pids of the live (not zombie) processes of session `sid`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if os.getsid(int(entry)) == sid and state != "Z":
+                    pids.append(int(entry))
+            except (OSError, ProcessLookupError):
+                pass
+    return pids
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL every process of a session (a killed job's driver, its Ray, its workers)."""
     import signal
 
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    for pid in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def vectors_by_key(folder, column: str = "image_embedding") -> dict:
+    """key → stored vector (float32) of an embedding folder."""
+    from embeddings import store
+
+    table = store.read_table(folder, columns=["key", column])
+    return dict(zip(table.column("key").to_pylist(), store.arrow_to_vectors(table.column(column))))

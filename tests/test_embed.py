@@ -18,12 +18,7 @@ from embeddings.config import ConfigError
 from embeddings.encoders import EncoderSpec, load_encoder
 from pipelines.embed import embed
 
-from .conftest import REPO, kill_session
-
-
-def _vectors_by_key(folder, column="image_embedding"):
-    table = store.read_table(folder, columns=["key", column])
-    return dict(zip(table.column("key").to_pylist(), store.arrow_to_vectors(table.column(column))))
+from .conftest import REPO, kill_session, vectors_by_key
 
 
 def _tar_keys(shards_dir):
@@ -53,7 +48,7 @@ def test_rows_match_the_downloads_and_the_contract(tiny_embed):
 def test_second_run_gives_the_same_vectors(tiny_embed, tmp_path):
     config, _ = tiny_embed
     embed(config.layout.shards, tmp_path / "again", encoder={"model": config.embed["encoder"]["model"]}, batch_size=7)
-    first, again = _vectors_by_key(config.layout.embeddings), _vectors_by_key(tmp_path / "again")
+    first, again = vectors_by_key(config.layout.embeddings), vectors_by_key(tmp_path / "again")
     assert first.keys() == again.keys()
     assert max(np.abs(first[k] - again[k]).max() for k in first) <= 1e-3  # float16 rounding
 
@@ -91,7 +86,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_embed, tmp_path):
     table = store.read_table(out, columns=["key"])
     keys = table.column("key").to_pylist()
     assert len(keys) == len(set(keys))
-    reference, resumed = _vectors_by_key(config.layout.embeddings), _vectors_by_key(out)
+    reference, resumed = vectors_by_key(config.layout.embeddings), vectors_by_key(out)
     assert resumed.keys() == reference.keys()
     assert max(np.abs(reference[k] - resumed[k]).max() for k in reference) <= 1e-3
 

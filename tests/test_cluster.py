@@ -1,0 +1,89 @@
+"""Cluster jobs on one machine: a Ray cluster of several nodes runs download and embed (tests/cluster_run.py).
+
+The cluster runs in a subprocess of its own session, so no Ray process of it can outlive the test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from embeddings import store
+from embeddings.tars import iter_tar_samples
+
+from .conftest import REPO, kill_session, session_processes, vectors_by_key
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tiny_embed, tiny_clip_dir, tmp_path_factory):
+    """Run every cluster phase once: (report, its output folder, its stdout, processes left after it exited)."""
+    out = tmp_path_factory.mktemp("cluster")
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "cluster_run.py"), str(out), str(tiny_clip_dir)],
+                               cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=900)
+        left = session_processes(process.pid)
+    finally:
+        kill_session(process.pid)
+        process.wait()
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text[-4000:]
+    return json.loads((out / "report.json").read_text()), out, text, left
+
+
+def tar_contents(shards_dir) -> dict[str, tuple[str, bytes]]:
+    """key → (caption, image bytes) over every tar of a folder, refusing a duplicate key."""
+    contents = {}
+    for tar in sorted(shards_dir.glob("*.tar")):
+        for sample in iter_tar_samples(tar):
+            assert sample["key"] not in contents, f"duplicate key {sample['key']}"
+            contents[sample["key"]] = (sample["caption"], sample["image"])
+    return contents
+
+
+def test_download_and_embed_spread_over_two_nodes_equal_a_local_run(cluster_run, tiny_embed):
+    report, out, _, _ = cluster_run
+    local, _ = tiny_embed
+    both = out / "both" / local.name
+    nodes = set(report["nodes"].values())
+    assert set(report["both"]["download_nodes"]) == nodes and set(report["both"]["embed_nodes"]) == nodes
+    assert tar_contents(both / "shards") == tar_contents(local.layout.shards)
+    reference, clustered = vectors_by_key(local.layout.embeddings), vectors_by_key(both / "embeddings")
+    assert clustered.keys() == reference.keys()
+    assert max(np.abs(reference[k] - clustered[k]).max() for k in reference) <= 1e-3  # float16 rounding
+
+
+def test_a_node_lost_mid_job_leaves_the_survivors_to_finish(cluster_run):
+    report, out, output, _ = cluster_run
+    lost = report["lost"]
+    assert lost["download_node_removed_while_busy"] and lost["embed_node_removed_while_busy"]
+    assert "lost the actor embedding" in output  # a shard of the removed node went to another actor
+    download = lost["download"]
+    assert download["shards"] == 8 and download["count"] == 1200
+    assert download["successes"] == 1200 - round(0.02 * 1200)  # every good URL, once: only the planned bad ones fail
+    tars = tar_contents(out / "lost" / "tiny" / "shards")
+    assert len(tars) == download["successes"]
+    table = store.read_table(out / "lost" / "tiny" / "embeddings", columns=["key", "image_embedding"])
+    keys = table.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) and set(keys) == set(tars)
+    norms = np.linalg.norm(store.arrow_to_vectors(table.column("image_embedding")), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+    assert lost["removed_node"] not in lost["embed_nodes"]
+
+
+def test_ray_job_submit_runs_the_embed_job_on_the_head(cluster_run):
+    report, out, _, _ = cluster_run
+    assert report["submit"]["returncode"] == 0, report["submit"]["output"]
+    assert "succeeded" in report["submit"]["output"]
+    submitted, direct = vectors_by_key(out / "submit" / "tiny" / "embeddings"), vectors_by_key(out / "both" / "tiny" / "embeddings")
+    assert submitted.keys() == direct.keys()
+    assert max(np.abs(direct[k] - submitted[k]).max() for k in direct) <= 1e-3
+
+
+def test_the_cluster_leaves_no_process_behind(cluster_run):
+    *_, left = cluster_run
+    assert left == []
