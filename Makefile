@@ -17,7 +17,7 @@ K ?= 10
 
 .PHONY: help setup lock test test-all demo data download ingest embed index knn export-clip-retrieval \
 	import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder train-upsampler sample variations \
-	interpolate textdiff eval bench-download bench-embed clean
+	interpolate textdiff eval submit bench-download bench-embed clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -147,5 +147,23 @@ bench-embed: setup ## embed job samples/s vs bare encoder throughput (and clip-r
 bench-download: setup ## images/s of data + download on a fresh copy of the config's data set
 	$(PY) bench/download.py --config $(CONFIG)
 
-clean: ## remove generated data, models and outputs (keeps .venv)
-	rm -rf data models outputs
+# A batch job on a Ray cluster: the command each JOB runs there (its config variables as for the local target).
+SUBMIT_download = pipelines download --config $(CONFIG)
+SUBMIT_embed = pipelines embed --config $(CONFIG)
+SUBMIT_index = pipelines index --config $(CONFIG)
+SUBMIT_export-clip-retrieval = pipelines export-clip-retrieval --config $(CONFIG)
+SUBMIT_train-prior = training prior --config $(PRIOR_CONFIG)
+SUBMIT_train-decoder = training decoder --config $(DECODER_CONFIG)
+SUBMIT_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG)
+SUBMIT_PYTHON ?= python
+SET ?=
+submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|train-decoder|train-upsampler as a Ray batch job at RAY_ADDRESS=http://head:8265 [SET="data_root=/shared/data ..."]
+	@test -n "$(SUBMIT_$(JOB))" -a -n "$(RAY_ADDRESS)" || { echo 'usage: make submit JOB=embed RAY_ADDRESS=http://head:8265 [CONFIG=...] [SET="data_root=/mnt/shared/data"]'; \
+		echo '  JOB: download embed index export-clip-retrieval train-prior train-decoder train-upsampler'; exit 2; }
+	$(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . -- \
+		$(SUBMIT_PYTHON) -m $(SUBMIT_$(JOB)) $(foreach s,$(SET),--set "$(s)")
+
+# The committed default CLIP (models/synthetic/clip) stays.
+clean: ## remove generated data, outputs and trained models (keeps .venv and the committed CLIP)
+	rm -rf data outputs $(filter-out models/synthetic,$(wildcard models/*)) \
+		$(filter-out models/synthetic/clip,$(wildcard models/synthetic/*))

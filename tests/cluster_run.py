@@ -5,7 +5,7 @@
 Starts a head and a worker node with ray.cluster_utils (one CPU each, the
 head with the dashboard's job server), then:
   1. `both`: data → download → embed of the tiny data set, shards spread over both nodes;
-  2. `submit`: `ray job submit` of the embed job on the head, over `both`'s shards copied;
+  2. `submit`: `make submit JOB=embed` (ray job submit) to the head's job server, over `both`'s shards copied;
   3. `lost`: the same with a larger data set, each job losing a node while it runs a shard there.
 Writes OUT_DIR/report.json; shuts the cluster down whatever happens, so no process is left.
 """
@@ -86,7 +86,9 @@ def node_of_tasks(name: str) -> list[str]:
     """Node ids of the finished attempts of task `name`, from the state API."""
     from ray.util.state import list_tasks
 
-    tasks = list_tasks(filters=[("name", "=", name), ("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
+    tasks = list_tasks(
+        filters=[("name", "=", name), ("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False
+    )
     return sorted(t.node_id for t in tasks if t.node_id)
 
 
@@ -111,12 +113,12 @@ def main() -> None:
         # 2. A batch job through the head's job server, with the working directory uploaded.
         submit = out / "submit" / base.name
         shutil.copytree(out / "both" / base.name / "shards", submit / "shards")
-        command = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO), "--",
-                   sys.executable, "-m", "pipelines", "embed", "--config", "configs/data/tiny.yaml",
-                   "--set", f"data_root={out / 'submit'}", "--set", f"embed.encoder.model={clip}", "--set", "embed.batch_size=32"]  # fmt: skip
-        ray_cli = str(Path(sys.executable).with_name("ray"))
-        for _ in range(3):  # the job server answers 'No available agent' while a node's agent is starting
-            job = subprocess.run([ray_cli, *command[1:]], capture_output=True, text=True, timeout=400, cwd=REPO)
+        # `make submit`, as a user runs it; the job's Python is this one (a cluster's own image has its own).
+        command = ["make", "--no-print-directory", "submit", "JOB=embed", f"RAY_ADDRESS=http://127.0.0.1:{dashboard}",
+                   "CONFIG=configs/data/tiny.yaml", f"SUBMIT_PYTHON={sys.executable}",
+                   f"SET=data_root={out / 'submit'} embed.encoder.model={clip} embed.batch_size=32"]  # fmt: skip
+        for _ in range(3):  # the job server answers 'No available agent' until the head's agent has registered
+            job = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=REPO)
             if "No available agent" not in job.stdout + job.stderr:
                 break
             time.sleep(5)

@@ -1,6 +1,7 @@
-"""Two-process runs of the tiny prior for tests: Lightning's DDP (gloo, CPU) or two Ray Train workers.
+"""Two-process runs of the tiny prior for tests: Lightning's DDP (gloo, CPU), torchrun, or two Ray Train workers.
 
     python tests/ddp_prior_run.py EMBEDDINGS_DIR OUT_DIR [lightning|ray]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_prior_run.py EMBEDDINGS_DIR OUT_DIR torchrun
 
 Rewrites the train rows of EMBEDDINGS_DIR into three shards of uneven sizes under OUT_DIR (before
 any worker starts), trains one epoch on two CPU processes, and writes what each rank saw (keys of
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -69,9 +71,12 @@ def train(out: str, launcher: str = "lightning", **_) -> dict:
 def main() -> None:
     source, out = Path(sys.argv[1]), Path(sys.argv[2]).resolve()
     launcher = sys.argv[3] if len(sys.argv) > 3 else "lightning"
-    if os.environ.get("LOCAL_RANK", "0") == "0" and not (out / "embeddings" / store.MANIFEST).exists():
+    manifest = out / "embeddings" / store.MANIFEST
+    if os.environ.get("LOCAL_RANK", "0") == "0" and not manifest.exists():
         prepare(source, out / "embeddings")
-    if launcher == "lightning":
+    while not manifest.exists():  # torchrun's rank 1 starts with rank 0: wait for its shards
+        time.sleep(0.1)
+    if launcher in ("lightning", "torchrun"):  # under torchrun, Lightning takes the ranks from its environment
         train(str(out))
         return
     import ray

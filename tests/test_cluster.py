@@ -79,7 +79,10 @@ def test_ray_job_submit_runs_the_embed_job_on_the_head(cluster_run):
     report, out, _, _ = cluster_run
     assert report["submit"]["returncode"] == 0, report["submit"]["output"]
     assert "succeeded" in report["submit"]["output"]
-    submitted, direct = vectors_by_key(out / "submit" / "tiny" / "embeddings"), vectors_by_key(out / "both" / "tiny" / "embeddings")
+    submitted, direct = (
+        vectors_by_key(out / "submit" / "tiny" / "embeddings"),
+        vectors_by_key(out / "both" / "tiny" / "embeddings"),
+    )
     assert submitted.keys() == direct.keys()
     assert max(np.abs(direct[k] - submitted[k]).max() for k in direct) <= 1e-3
 
@@ -87,3 +90,33 @@ def test_ray_job_submit_runs_the_embed_job_on_the_head(cluster_run):
 def test_the_cluster_leaves_no_process_behind(cluster_run):
     *_, left = cluster_run
     assert left == []
+
+
+@pytest.mark.parametrize("name", ["local", "aws-gpu"])
+def test_cluster_launcher_configs_pass_rays_schema(name):
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "configs" / "cluster" / f"{name}.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert any("make setup" in c for c in config["setup_commands"])
+
+
+def test_kuberay_config_matches_the_pinned_ray_and_mounts_shared_storage():
+    import ray
+    import yaml
+
+    cluster = yaml.safe_load((REPO / "configs" / "cluster" / "kuberay.yaml").read_text())
+    assert cluster["kind"] == "RayCluster" and cluster["spec"]["rayVersion"] == ray.__version__
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": "shared", "mountPath": "/mnt/shared"} in container["volumeMounts"]
+
+
+def test_an_unknown_launcher_is_a_clear_error():
+    from embeddings.config import ConfigError
+    from training.launch import run_job
+
+    with pytest.raises(ConfigError, match="launcher 'slurm'"):
+        run_job(lambda **_: {}, {"launcher": "slurm"})

@@ -125,8 +125,9 @@ def test_distinct_rank_ignores_images_of_the_same_scene():
 def two_process_run(embeddings, out, launcher: str) -> list[dict]:
     """tests/ddp_prior_run.py in a subprocess with `launcher`; what each of the two ranks saw."""
     script = REPO / "tests" / "ddp_prior_run.py"
-    result = subprocess.run([sys.executable, str(script), str(embeddings), str(out), launcher], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*(runner if launcher == "torchrun" else [sys.executable]), str(script), str(embeddings), str(out), launcher]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -144,9 +145,10 @@ def test_two_process_ddp_sees_disjoint_samples_and_equal_batches(lightning_ddp):
     assert ranks[0]["shards"] % 2 == 1 and len(set(ranks[0]["shard_sizes"])) > 1  # odd count, uneven sizes
 
 
-def test_ray_train_two_workers_match_lightning_ddp(lightning_ddp, tiny_embed, tmp_path):
-    """launcher: ray (Ray Train TorchTrainer, two CPU workers) = the same batches, losses and weights as DDP."""
-    ranks = two_process_run(tiny_embed[0].layout.embeddings, tmp_path, "ray")
+@pytest.mark.parametrize("launcher", ["ray", "torchrun"])
+def test_ray_train_and_torchrun_match_lightning_ddp(launcher, lightning_ddp, tiny_embed, tmp_path):
+    """launcher: ray (Ray Train, two CPU workers) and torchrun: the same batches, losses and weights as Lightning's DDP."""
+    ranks = two_process_run(tiny_embed[0].layout.embeddings, tmp_path, launcher)
     for ray_rank, ddp_rank in zip(ranks, lightning_ddp):
         assert ray_rank["batches"] == ddp_rank["batches"]
         np.testing.assert_allclose(ray_rank["losses"], ddp_rank["losses"], rtol=1e-5)

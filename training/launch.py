@@ -65,13 +65,17 @@ def ray_train(job: Callable[..., dict], config: dict) -> dict:
     result_file = Path(config["outputs_root"]) / f".ray-train-result-{uuid.uuid4().hex}.json"
     with ray_session():
         accelerator = config.get("accelerator", "auto")
-        use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        use_gpu = accelerator in ("gpu", "cuda") or (
+            accelerator == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+        )
         trainer = TorchTrainer(
             functools.partial(_worker, job, str(result_file), os.getcwd()),
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-            run_config=RunConfig(name=f"{job.__name__}-{uuid.uuid4().hex[:8]}",
-                                 storage_path=str(Path(config["outputs_root"]) / "ray-train")),  # fmt: skip
+            run_config=RunConfig(
+                name=f"{job.__name__}-{uuid.uuid4().hex[:8]}",
+                storage_path=str(Path(config["outputs_root"]) / "ray-train"),
+            ),  # fmt: skip
         )
         trainer.fit()
     try:
