@@ -75,7 +75,7 @@ def ray_train(job: Callable[..., dict], config: dict) -> dict:
             run_config=RunConfig(
                 name=f"{job.__name__}-{uuid.uuid4().hex[:8]}",
                 storage_path=str(Path(config["outputs_root"]) / "ray-train"),
-            ),  # fmt: skip
+            ),
         )
         trainer.fit()
     try:
