@@ -14,6 +14,9 @@ export PYTHONUNBUFFERED := 1
 
 CLIP_CONFIG ?= configs/clip/shapes.yaml
 K ?= 10
+# SET="key=value ..." overrides config keys of the data and training jobs (and of make submit).
+SET ?=
+SET_OPTS = $(foreach s,$(SET),--set "$(s)")
 
 .PHONY: help setup lock test test-all demo data download ingest embed index knn export-clip-retrieval \
 	import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder train-upsampler sample variations \
@@ -70,17 +73,17 @@ data: setup ## render the synthetic source: data/<name>/urls.parquet and source/
 	$(PY) -m pipelines data --config $(CONFIG)
 
 download: setup ## download the config's URL list with img2dataset on Ray into data/<name>/shards/
-	$(PY) -m pipelines download --config $(CONFIG)
+	$(PY) -m pipelines download --config $(CONFIG) $(SET_OPTS)
 
 ingest: setup ## shard a local folder of images with <stem>.txt captions: FOLDER=path [NAME=name]
 	@test -n "$(FOLDER)" || { echo "usage: make ingest FOLDER=path/to/images [NAME=name]"; exit 2; }
 	$(PY) -m pipelines ingest --folder "$(FOLDER)" $(if $(NAME),--name "$(NAME)")
 
 embed: setup ## CLIP-embed the shards into data/<name>/embeddings/ (default CLIP: models/synthetic/clip)
-	$(PY) -m pipelines embed --config $(CONFIG)
+	$(PY) -m pipelines embed --config $(CONFIG) $(SET_OPTS)
 
 index: setup ## faiss image and text indices over the embeddings into data/<name>/index/
-	$(PY) -m pipelines index --config $(CONFIG)
+	$(PY) -m pipelines index --config $(CONFIG) $(SET_OPTS)
 
 knn: setup ## nearest neighbours: QUERY="text" or IMAGE=path or KEY=key [K=10 KIND=image|text]; prints a table and an HTML page
 	@test -n "$(QUERY)$(IMAGE)$(KEY)" || { echo 'usage: make knn QUERY="a red circle" | IMAGE=path | KEY=key'; exit 2; }
@@ -95,12 +98,12 @@ import-clip-retrieval: setup ## read a clip-retrieval folder SOURCE=dir into dat
 	$(PY) -m pipelines import-clip-retrieval --config $(CONFIG) --source "$(SOURCE)"
 
 train-clip: setup ## train the small CLIP of CLIP_CONFIG on its data set's shards; exports models/<name>/clip/
-	$(PY) -m training clip --config $(CLIP_CONFIG)
+	$(PY) -m training clip --config $(CLIP_CONFIG) $(SET_OPTS)
 
 PRIOR_CONFIG ?= configs/prior/small.yaml
 
 train-prior: setup ## train the diffusion prior of PRIOR_CONFIG on its data set's embeddings; exports models/<name>/prior/
-	$(PY) -m training prior --config $(PRIOR_CONFIG)
+	$(PY) -m training prior --config $(PRIOR_CONFIG) $(SET_OPTS)
 
 sample-prior: setup ## PROMPT="..." (or PROMPTS=file): sampled CLIP image embeddings, their nearest indexed images, a .npy
 	@test -n "$(PROMPT)$(PROMPTS)" || { echo 'usage: make sample-prior PROMPT="a small red circle at the top left"'; exit 2; }
@@ -116,10 +119,10 @@ GEN_OPTS = --models "$(MODELS)" --seed $(SEED) $(if $(N),-n $(N)) $(if $(STEPS),
 	$(if $(GUIDANCE),--guidance $(GUIDANCE)) $(if $(DECODER),--decoder $(DECODER)) $(if $(OUT),--out "$(OUT)")
 
 train-decoder: setup ## train the CLIP-image-embedding decoder of DECODER_CONFIG on shards + embeddings; exports models/<name>/decoder/
-	$(PY) -m training decoder --config $(DECODER_CONFIG)
+	$(PY) -m training decoder --config $(DECODER_CONFIG) $(SET_OPTS)
 
 train-upsampler: setup ## train the 4x upsampler of UPSAMPLER_CONFIG; exports models/<name>/upsampler/
-	$(PY) -m training upsampler --config $(UPSAMPLER_CONFIG)
+	$(PY) -m training upsampler --config $(UPSAMPLER_CONFIG) $(SET_OPTS)
 
 sample: setup ## text → image: PROMPT="..." (or PROMPTS=file) through prior, decoder, upsampler; writes a PNG grid
 	@test -n "$(PROMPT)$(PROMPTS)" || { echo 'usage: make sample PROMPT="a small red circle at the top left"'; exit 2; }
@@ -156,12 +159,11 @@ SUBMIT_train-prior = training prior --config $(PRIOR_CONFIG)
 SUBMIT_train-decoder = training decoder --config $(DECODER_CONFIG)
 SUBMIT_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG)
 SUBMIT_PYTHON ?= python
-SET ?=
 submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|train-decoder|train-upsampler as a Ray batch job at RAY_ADDRESS=http://head:8265 [SET="data_root=/shared/data ..."]
 	@test -n "$(SUBMIT_$(JOB))" -a -n "$(RAY_ADDRESS)" || { echo 'usage: make submit JOB=embed RAY_ADDRESS=http://head:8265 [CONFIG=...] [SET="data_root=/mnt/shared/data"]'; \
 		echo '  JOB: download embed index export-clip-retrieval train-prior train-decoder train-upsampler'; exit 2; }
 	$(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . -- \
-		$(SUBMIT_PYTHON) -m $(SUBMIT_$(JOB)) $(foreach s,$(SET),--set "$(s)")
+		$(SUBMIT_PYTHON) -m $(SUBMIT_$(JOB)) $(SET_OPTS)
 
 # The committed default CLIP (models/synthetic/clip) stays.
 clean: ## remove generated data, outputs and trained models (keeps .venv and the committed CLIP)
