@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +28,7 @@ from training.decoder_job import (
     train_upsampler,
 )
 
-from .conftest import REPO
+from .conftest import REPO, kill_session
 from .test_prior import RecordBatches
 
 
@@ -233,3 +237,26 @@ def test_frechet_distance_and_diversity():
     assert mean_pairwise(same, 2, "rms") == 0
     apart = np.stack([np.zeros((2, 2, 3)), np.ones((2, 2, 3))] * 2)
     assert mean_pairwise(apart, 2, "rms") == pytest.approx(1)
+
+
+@pytest.mark.parametrize("launcher", ["lightning", "ray"])
+def test_decoder_trains_and_exports_on_two_processes(launcher, tiny_embed, tmp_path):
+    """DDP on two CPU processes, started by Lightning or by Ray Train: every rank reaches the final
+    validation (a collective) and rank 0 exports."""
+    config, _ = tiny_embed
+    overrides = [f"data_root={config.data_root}", "devices=2", "strategy=ddp", "accelerator=cpu", f"launcher={launcher}",
+                 "max_steps=6", "val_every=3", "checkpoint_every=3", f"models_root={tmp_path / 'models'}",
+                 f"outputs_root={tmp_path / 'outputs'}"]  # fmt: skip
+    command = [sys.executable, "-m", "training", "decoder", "--config", "configs/decoder/tiny.yaml"]
+    command += [arg for o in overrides for arg in ("--set", o)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the session's
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=600)
+    finally:
+        kill_session(process.pid)
+    assert process.returncode == 0, output[-3000:]
+    exported = json.loads((tmp_path / "models" / "tiny" / "decoder" / "config.json").read_text())
+    assert exported["metrics"]["step"] == 6 and math.isfinite(exported["metrics"]["val_loss"])
+    assert (tmp_path / "outputs" / "train-decoder-tiny" / "samples" / "step000006.png").is_file()

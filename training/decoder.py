@@ -89,7 +89,7 @@ class ImageDiffusionModule(StreamingModule):
 
     def on_validation_epoch_end(self) -> None:
         if self._val_losses:
-            self.log("val/loss", sum(self._val_losses) / len(self._val_losses), prog_bar=True)
+            self.log("val/loss", sum(self._val_losses) / len(self._val_losses), prog_bar=True, sync_dist=True)
             self._val_losses.clear()
         if self._grid_batch is not None and self.grid_dir is not None and self.global_rank == 0:
             images, columns = self.grid(self._grid_batch)

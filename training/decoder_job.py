@@ -55,9 +55,10 @@ def _fit(kind: str, module, s: dict, layout, manifest: dict) -> dict:
                             devices=s["devices"], num_nodes=s["num_nodes"], strategy=s["strategy"], val_every=s["val_every"],
                             checkpoint_every=s["checkpoint_every"], log_every=s["log_every"], launcher=s["launcher"])  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, s["resume"]))
+    # The final val loss and sample grid; every rank takes part (under DDP the val loss is averaged over ranks).
+    trainer.validate(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
         return {"step": trainer.global_step}
-    trainer.validate(module, datamodule=datamodule, verbose=False)  # the final val loss and sample grid
     metrics = {"step": trainer.global_step, "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
                "join": {split: vars(report) for split, report in datamodule.reports.items()}}  # fmt: skip
     folder = Path(s["models_root"]) / name / export
