@@ -79,6 +79,20 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+STORAGE_KEYS = ("data_root", "models_root", "outputs_root")
+
+
+def check_storage_paths(config: dict, where: str) -> None:
+    """Refuse a URI (s3://, gs://, ...) as a storage root: the jobs need file-system paths (renames)."""
+    for key in STORAGE_KEYS:
+        value = config.get(key)
+        if isinstance(value, str) and "://" in value:
+            raise ConfigError(
+                f"{where}: {key} {value!r} is a URI; the jobs write under temporary names and rename, so they need a "
+                "file-system path: a shared file system, or the bucket mounted on every node (s3fs, gcsfuse)"
+            )
+
+
 def load_job_config(path: str | Path, overrides: list[str] | None, keys, required=(), sections=None) -> dict[str, Any]:
     """A training job's YAML plus overrides: only `keys`, every `required` key, and each of
     `sections` ({name: allowed keys}) checked in turn; errors name the file and the key."""
@@ -89,4 +103,5 @@ def load_job_config(path: str | Path, overrides: list[str] | None, keys, require
             raise ConfigError(f"{path}: missing key {key!r}")
     for name, allowed in (sections or {}).items():
         check_keys(config[name], list(allowed), f"{path}: {name}")
+    check_storage_paths(config, str(path))
     return config

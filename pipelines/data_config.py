@@ -19,7 +19,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from embeddings.config import ConfigError, check_keys, check_section, load_yaml, merge, parse_overrides
+from embeddings.config import (
+    ConfigError,
+    check_keys,
+    check_section,
+    check_storage_paths,
+    load_yaml,
+    merge,
+    parse_overrides,
+)
 from embeddings.encoders import EncoderSpec
 from embeddings.layout import DataLayout
 from embeddings import index as index_job
@@ -60,6 +68,7 @@ def load_data_config(path: str | Path, overrides: list[str] | None = None) -> Da
     check_keys(raw, [f.name for f in fields(DataConfig)], str(path))
     if not raw.get("name"):
         raise ConfigError(f"{path}: missing key 'name' (the data set's folder under data/)")
+    check_storage_paths(raw, str(path))
     if raw.get("synthetic") is not None:
         check_section(raw["synthetic"], synthetic.generate, f"{path}: synthetic", exclude=_SET_BY_JOB)
     check_section(raw.get("download"), download_job.download, f"{path}: download", exclude=_SET_BY_JOB)

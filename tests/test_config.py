@@ -110,3 +110,12 @@ def test_training_configs_load_and_name_bad_keys(tmp_path):
         load_clip_config(REPO / "configs/clip/shapes.yaml", ["learning_rate=1"])
     with pytest.raises(ConfigError, match="missing key 'model'"):
         load_clip_config(_write(tmp_path, {"data": "x"}))
+
+
+def test_a_uri_as_storage_root_is_a_clear_error():
+    from training.prior_job import load_prior_config
+
+    with pytest.raises(ConfigError, match="data_root 's3://bucket/data' is a URI"):
+        load_data_config(REPO / "configs/data/tiny.yaml", ["data_root=s3://bucket/data"])
+    with pytest.raises(ConfigError, match="outputs_root 'gs://b/o' is a URI"):
+        load_prior_config(REPO / "configs/prior/tiny.yaml", ["outputs_root=gs://b/o"])
