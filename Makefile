@@ -17,6 +17,19 @@ K ?= 10
 # SET="key=value ..." overrides config keys of the data and training jobs (and of make submit).
 SET ?=
 SET_OPTS = $(foreach s,$(SET),--set "$(s)")
+PRIOR_CONFIG ?= configs/prior/small.yaml
+DECODER_CONFIG ?= configs/decoder/small.yaml
+UPSAMPLER_CONFIG ?= configs/decoder/upsampler-small.yaml
+# The command line of each data and training job (python -m ...), run here by its target and on a
+# cluster by `make submit JOB=...`; SET= adds --set overrides to either.
+JOB_download = pipelines download --config $(CONFIG)
+JOB_embed = pipelines embed --config $(CONFIG)
+JOB_index = pipelines index --config $(CONFIG)
+JOB_export-clip-retrieval = pipelines export-clip-retrieval --config $(CONFIG)
+JOB_train-clip = training clip --config $(CLIP_CONFIG)
+JOB_train-prior = training prior --config $(PRIOR_CONFIG)
+JOB_train-decoder = training decoder --config $(DECODER_CONFIG)
+JOB_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG)
 
 .PHONY: help setup lock test test-all demo data download ingest embed index knn export-clip-retrieval \
 	import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder train-upsampler sample variations \
@@ -74,17 +87,17 @@ data: setup ## render the synthetic source: data/<name>/urls.parquet and source/
 	$(PY) -m pipelines data --config $(CONFIG)
 
 download: setup ## download the config's URL list with img2dataset on Ray into data/<name>/shards/
-	$(PY) -m pipelines download --config $(CONFIG) $(SET_OPTS)
+	$(PY) -m $(JOB_download) $(SET_OPTS)
 
 ingest: setup ## shard a local folder of images with <stem>.txt captions: FOLDER=path [NAME=name]
 	@test -n "$(FOLDER)" || { echo "usage: make ingest FOLDER=path/to/images [NAME=name]"; exit 2; }
 	$(PY) -m pipelines ingest --folder "$(FOLDER)" $(if $(NAME),--name "$(NAME)")
 
 embed: setup ## CLIP-embed the shards into data/<name>/embeddings/ (default CLIP: models/synthetic/clip)
-	$(PY) -m pipelines embed --config $(CONFIG) $(SET_OPTS)
+	$(PY) -m $(JOB_embed) $(SET_OPTS)
 
 index: setup ## faiss image and text indices over the embeddings into data/<name>/index/
-	$(PY) -m pipelines index --config $(CONFIG) $(SET_OPTS)
+	$(PY) -m $(JOB_index) $(SET_OPTS)
 
 knn: setup ## nearest neighbours: QUERY="text" or IMAGE=path or KEY=key [K=10 KIND=image|text]; prints a table and an HTML page
 	@test -n "$(QUERY)$(IMAGE)$(KEY)" || { echo 'usage: make knn QUERY="a red circle" | IMAGE=path | KEY=key'; exit 2; }
@@ -92,26 +105,22 @@ knn: setup ## nearest neighbours: QUERY="text" or IMAGE=path or KEY=key [K=10 KI
 		$(if $(QUERY),--query "$(QUERY)") $(if $(IMAGE),--image "$(IMAGE)") $(if $(KEY),--key "$(KEY)")
 
 export-clip-retrieval: setup ## write the embeddings in clip-retrieval's layout to data/<name>/clip_retrieval/ [OUT=dir]
-	$(PY) -m pipelines export-clip-retrieval --config $(CONFIG) $(if $(OUT),--out "$(OUT)")
+	$(PY) -m $(JOB_export-clip-retrieval) $(if $(OUT),--out "$(OUT)")
 
 import-clip-retrieval: setup ## read a clip-retrieval folder SOURCE=dir into data/<name>/embeddings/
 	@test -n "$(SOURCE)" || { echo "usage: make import-clip-retrieval SOURCE=dir CONFIG=configs/data/NAME.yaml"; exit 2; }
 	$(PY) -m pipelines import-clip-retrieval --config $(CONFIG) --source "$(SOURCE)"
 
 train-clip: setup ## train the small CLIP of CLIP_CONFIG on its data set's shards; exports models/<name>/clip/
-	$(PY) -m training clip --config $(CLIP_CONFIG) $(SET_OPTS)
-
-PRIOR_CONFIG ?= configs/prior/small.yaml
+	$(PY) -m $(JOB_train-clip) $(SET_OPTS)
 
 train-prior: setup ## train the diffusion prior of PRIOR_CONFIG on its data set's embeddings; exports models/<name>/prior/
-	$(PY) -m training prior --config $(PRIOR_CONFIG) $(SET_OPTS)
+	$(PY) -m $(JOB_train-prior) $(SET_OPTS)
 
 sample-prior: setup ## PROMPT="..." (or PROMPTS=file): sampled CLIP image embeddings, their nearest indexed images, a .npy
 	@test -n "$(PROMPT)$(PROMPTS)" || { echo 'usage: make sample-prior PROMPT="a small red circle at the top left"'; exit 2; }
 	$(PY) -m training sample-prior --config $(PRIOR_CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)")
 
-DECODER_CONFIG ?= configs/decoder/small.yaml
-UPSAMPLER_CONFIG ?= configs/decoder/upsampler-small.yaml
 MODELS ?= models/synthetic
 SEED ?= 0
 # Options of the four generation commands: SEED=0 N=images STEPS=decoder steps GUIDANCE=decoder scale
@@ -120,10 +129,10 @@ GEN_OPTS = --models "$(MODELS)" --seed $(SEED) $(if $(N),-n $(N)) $(if $(STEPS),
 	$(if $(GUIDANCE),--guidance $(GUIDANCE)) $(if $(DECODER),--decoder $(DECODER)) $(if $(OUT),--out "$(OUT)")
 
 train-decoder: setup ## train the CLIP-image-embedding decoder of DECODER_CONFIG on shards + embeddings; exports models/<name>/decoder/
-	$(PY) -m training decoder --config $(DECODER_CONFIG) $(SET_OPTS)
+	$(PY) -m $(JOB_train-decoder) $(SET_OPTS)
 
 train-upsampler: setup ## train the 4x upsampler of UPSAMPLER_CONFIG; exports models/<name>/upsampler/
-	$(PY) -m training upsampler --config $(UPSAMPLER_CONFIG) $(SET_OPTS)
+	$(PY) -m $(JOB_train-upsampler) $(SET_OPTS)
 
 sample: setup ## text → image: PROMPT="..." (or PROMPTS=file) through prior, decoder, upsampler; writes a PNG grid
 	@test -n "$(PROMPT)$(PROMPTS)" || { echo 'usage: make sample PROMPT="a small red circle at the top left"'; exit 2; }
@@ -151,20 +160,12 @@ bench-embed: setup ## embed job samples/s vs bare encoder throughput (and clip-r
 bench-download: setup ## images/s of data + download on a fresh copy of the config's data set
 	$(PY) bench/download.py --config $(CONFIG)
 
-# A batch job on a Ray cluster: the command each JOB runs there (its config variables as for the local target).
-SUBMIT_download = pipelines download --config $(CONFIG)
-SUBMIT_embed = pipelines embed --config $(CONFIG)
-SUBMIT_index = pipelines index --config $(CONFIG)
-SUBMIT_export-clip-retrieval = pipelines export-clip-retrieval --config $(CONFIG)
-SUBMIT_train-prior = training prior --config $(PRIOR_CONFIG)
-SUBMIT_train-decoder = training decoder --config $(DECODER_CONFIG)
-SUBMIT_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG)
 SUBMIT_PYTHON ?= python
 submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|train-decoder|train-upsampler as a Ray batch job at RAY_ADDRESS=http://head:8265 [SET="data_root=/shared/data ..."]
-	@test -n "$(SUBMIT_$(JOB))" -a -n "$(RAY_ADDRESS)" || { echo 'usage: make submit JOB=embed RAY_ADDRESS=http://head:8265 [CONFIG=...] [SET="data_root=/mnt/shared/data"]'; \
-		echo '  JOB: download embed index export-clip-retrieval train-prior train-decoder train-upsampler'; exit 2; }
+	@test -n "$(JOB_$(JOB))" -a -n "$(RAY_ADDRESS)" || { echo 'usage: make submit JOB=embed RAY_ADDRESS=http://head:8265 [CONFIG=...] [SET="data_root=/mnt/shared/data"]'; \
+		echo '  JOB: download embed index export-clip-retrieval train-clip train-prior train-decoder train-upsampler'; exit 2; }
 	$(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . -- \
-		$(SUBMIT_PYTHON) -m $(SUBMIT_$(JOB)) $(SET_OPTS)
+		$(SUBMIT_PYTHON) -m $(JOB_$(JOB)) $(SET_OPTS)
 
 # The committed default CLIP (models/synthetic/clip) stays.
 clean: ## remove generated data, outputs and trained models (keeps .venv and the committed CLIP)

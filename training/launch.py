@@ -23,10 +23,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from embeddings.config import ConfigError
+from embeddings.config import STORAGE_KEYS, ConfigError
 
 LAUNCHERS = ("lightning", "ray")
-_PATH_KEYS = ("data_root", "models_root", "outputs_root")
 
 
 def run_job(job: Callable[..., dict], config: dict) -> dict:
@@ -46,9 +45,11 @@ def absolute_paths(config: dict) -> dict:
     config = dict(config)
     if not config.get("data_root") and config.get("data"):
         config["data_root"] = load_data_config(config["data"]).data_root
-    for key, default in zip(_PATH_KEYS, (None, "models", "outputs")):
-        if config.get(key) or default:
-            config[key] = str(Path(config.get(key) or default).resolve())
+    defaults = {"models_root": "models", "outputs_root": "outputs"}  # the jobs' own defaults
+    for key in STORAGE_KEYS:
+        value = config.get(key) or defaults.get(key)
+        if value:
+            config[key] = str(Path(value).resolve())
     return config
 
 
