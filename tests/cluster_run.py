@@ -140,7 +140,7 @@ def main() -> None:
         manifest = run_embed(config)
         watcher.join(timeout=5)
         report["lost"]["embed_node_removed_while_busy"] = watcher.outcome["removed_while_busy"]
-        report["lost"]["embed_nodes"] = sorted(r["node"] for r in manifest["records"].values())
+        report["lost"]["embed_nodes"] = {shard: r["node"] for shard, r in manifest["records"].items()}
         report["lost"]["removed_node"] = doomed.node_id
     finally:
         ray.shutdown()

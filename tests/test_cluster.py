@@ -6,8 +6,11 @@ The cluster runs in a subprocess of its own session, so no Ray process of it can
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,13 +29,23 @@ def cluster_run(tiny_embed, tiny_clip_dir, tmp_path_factory):
                                cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         output, _ = process.communicate(timeout=900)
-        left = session_processes(process.pid)
+        deadline = time.time() + 10  # processes the cluster's shutdown signalled may take a moment to exit
+        while (left := session_processes(process.pid)) and time.time() < deadline:
+            time.sleep(0.2)
+        left = [_cmdline(pid) for pid in left]  # what was left, for the assertion's message
     finally:
         kill_session(process.pid)
         process.wait()
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-4000:]
     return json.loads((out / "report.json").read_text()), out, text, left
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (exited)"
 
 
 def tar_contents(shards_dir) -> dict[str, tuple[str, bytes]]:
@@ -61,7 +74,8 @@ def test_a_node_lost_mid_job_leaves_the_survivors_to_finish(cluster_run):
     report, out, output, _ = cluster_run
     lost = report["lost"]
     assert lost["download_node_removed_while_busy"] and lost["embed_node_removed_while_busy"]
-    assert "lost the actor embedding" in output  # a shard of the removed node went to another actor
+    lost_shards = re.findall(r"lost the actor embedding (\d+)\.tar", output)
+    assert lost_shards  # the shard the removed node was embedding went to another actor...
     download = lost["download"]
     assert download["shards"] == 8 and download["count"] == 1200
     assert download["successes"] == 1200 - round(0.02 * 1200)  # every good URL, once: only the planned bad ones fail
@@ -72,7 +86,8 @@ def test_a_node_lost_mid_job_leaves_the_survivors_to_finish(cluster_run):
     assert len(keys) == len(set(keys)) and set(keys) == set(tars)
     norms = np.linalg.norm(store.arrow_to_vectors(table.column("image_embedding")), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=2e-3)
-    assert lost["removed_node"] not in lost["embed_nodes"]
+    for shard in lost_shards:  # ...and was written there (shards it had finished before may stay its own)
+        assert lost["embed_nodes"][shard] != lost["removed_node"]
 
 
 def test_ray_job_submit_runs_the_embed_job_on_the_head(cluster_run):
