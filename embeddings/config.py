@@ -83,13 +83,23 @@ STORAGE_KEYS = ("data_root", "models_root", "outputs_root")
 
 
 def check_storage_paths(config: dict, where: str) -> None:
-    """Refuse a URI (s3://, gs://, ...) as a storage root: the jobs need file-system paths (renames)."""
-    for key in STORAGE_KEYS:
+    """data_root may be a path or an object-storage URI (s3://, gs://, ...) whose fsspec backend is
+    installed; models_root and outputs_root (checkpoints, exports, Lightning logs) must be paths."""
+    value = config.get("data_root")
+    if isinstance(value, str) and "://" in value and not value.startswith("file://"):
+        import fsspec
+
+        protocol = value.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(f"{where}: data_root {value!r}: no fsspec file system for {protocol}:// ({err})") from err
+    for key in STORAGE_KEYS[1:]:
         value = config.get(key)
         if isinstance(value, str) and "://" in value:
             raise ConfigError(
-                f"{where}: {key} {value!r} is a URI; the jobs write under temporary names and rename, so they need a "
-                "file-system path: a shared file system, or the bucket mounted on every node (s3fs, gcsfuse)"
+                f"{where}: {key} {value!r} is a URI; checkpoints, exported models and logs need a file-system path "
+                "(on a cluster: a shared file system); only data_root may be an object-storage URI"
             )
 
 

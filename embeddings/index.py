@@ -16,9 +16,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from embeddings import store
+from embeddings import storage, store
 
 KINDS = ("image", "text")
 
@@ -86,19 +85,18 @@ def build_indices(embeddings_dir: str | Path, index_dir: str | Path, *, memory_b
 
     manifest = store.read_manifest(embeddings_dir)
     table = store.read_table(embeddings_dir, columns=["key", "caption", *store.EMBEDDING_COLUMNS], with_shard=True)
-    index_dir = Path(index_dir)
-    index_dir.mkdir(parents=True, exist_ok=True)
+    index_dir = storage.as_path(index_dir)
+    storage.make_folder(index_dir)
     info = {"count": table.num_rows, "dim": manifest["dim"], "encoder_checksum": manifest["encoder"]["checksum"], "indices": {}}
     for kind in KINDS:
         vectors = store.arrow_to_vectors(table.column(f"{kind}_embedding"))
         chosen = factory or choose_factory(len(vectors), vectors.shape[1], memory_budget_gb)
         index = build(vectors, chosen)
-        tmp = index_dir / f".{kind}.index.tmp"
-        faiss.write_index(index, str(tmp))
-        tmp.replace(index_dir / f"{kind}.index")
+        with storage.local_target(index_dir / f"{kind}.index") as local:
+            faiss.write_index(index, str(local))
         info["indices"][kind] = {"factory": chosen, "file": f"{kind}.index", "recall_at_10": recall_at_k(index, vectors, 10, recall_queries)}
     ids = table.select(["key", "shard", "caption"])
-    store.write_parquet(index_dir / "ids.parquet", ids)
+    storage.write_parquet(index_dir / "ids.parquet", ids)
     store.write_json(index_dir / "index.json", info)
     return info
 
@@ -109,13 +107,14 @@ class Searcher:
     def __init__(self, index_dir: str | Path, kind: str = "image"):
         import faiss
 
-        self.index_dir = Path(index_dir)
+        self.index_dir = storage.as_path(index_dir)
         path = self.index_dir / "index.json"
         if not path.is_file():
             raise FileNotFoundError(f"no index in {index_dir}: run `make index` first")
         self.info = json.loads(path.read_text())
-        self.index = faiss.read_index(str(self.index_dir / f"{kind}.index"))
-        ids = pq.read_table(self.index_dir / "ids.parquet")
+        with storage.local_copy(self.index_dir / f"{kind}.index") as local:
+            self.index = faiss.read_index(str(local))
+        ids = storage.read_parquet(self.index_dir / "ids.parquet")
         self.keys = ids.column("key").to_pylist()
         self.captions = ids.column("caption").to_pylist()
         self.shards = ids.column("shard").to_pylist()

@@ -13,16 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from embeddings import storage
+
 
 @dataclass(frozen=True)
 class DataLayout:
-    """Paths of one data set under `root` (= data/<name>)."""
+    """Paths of one data set under `root` (= data/<name>): local paths, or URIs when data_root is one."""
 
     root: Path
 
     @classmethod
     def of(cls, name: str, data_root: str | Path = "data") -> "DataLayout":
-        return cls(Path(data_root) / name)
+        return cls(storage.as_path(data_root) / name)
 
     @property
     def urls(self) -> Path:

@@ -6,20 +6,19 @@
     data/<name>/embeddings/NNNNN_record.json   written after the parquet: rows written, skipped by reason
     data/<name>/embeddings/_manifest.json      written by the driver alone: encoder, dtype, records
 
-A shard is done when its record exists. Files are written under a temporary name and renamed, so a
-killed job leaves either a whole shard or none.
+A shard is done when its record exists. Every write is atomic (embeddings/storage.py: a temporary
+name renamed locally, one PUT on object storage), so a killed job leaves either a whole shard or none.
+The folder may be a local path or an object-storage URI.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from embeddings import storage
 from embeddings.config import ConfigError
 
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
@@ -28,24 +27,9 @@ RECORD_SUFFIX = "_record.json"
 _DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes under a temporary name, then rename into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_parquet(path: Path, table: pa.Table) -> None:
-    """Write a Parquet file under a temporary name, then rename into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write, keys sorted so reruns compare equal."""
-    write_atomic(Path(path), (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def write_json(path, obj) -> None:
+    """Atomic JSON write (storage.write_bytes), keys sorted so reruns compare equal."""
+    storage.write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def vectors_to_arrow(vectors: np.ndarray, dtype: str = "float16") -> pa.FixedSizeListArray:
@@ -64,33 +48,31 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np
     return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)
 
 
-def shard_name(path: str | Path) -> str:
-    """'00012' for .../00012.tar or .../00012.parquet."""
-    return Path(path).name.split(".")[0]
+def shard_name(path) -> str:
+    """'00012' for .../00012.tar or .../00012.parquet (a path or a URI)."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1].split(".")[0]
 
 
-def write_shard(folder: Path, name: str, table: pa.Table, record: dict) -> None:
+def write_shard(folder, name: str, table: pa.Table, record: dict) -> None:
     """Write one embedding shard, then its record (which marks it done)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_parquet(folder / f"{name}.parquet", table)
+    folder = storage.as_path(folder)
+    storage.make_folder(folder)
+    storage.write_parquet(folder / f"{name}.parquet", table)
     write_json(folder / f"{name}{RECORD_SUFFIX}", record)
 
 
-def done_shards(folder: Path) -> dict[str, dict]:
+def done_shards(folder) -> dict[str, dict]:
     """Records of the finished shards, by shard name."""
-    return {
-        p.name.removesuffix(RECORD_SUFFIX): json.loads(p.read_text())
-        for p in sorted(Path(folder).glob(f"*{RECORD_SUFFIX}"))
-    }
+    return {p.name.removesuffix(RECORD_SUFFIX): json.loads(p.read_text()) for p in storage.listing(folder, f"*{RECORD_SUFFIX}")}
 
 
-def shard_paths(folder: str | Path) -> list[Path]:
-    """The finished embedding shards of a folder, in name order."""
-    folder = Path(folder)
+def shard_paths(folder) -> list:
+    """The finished embedding shards of a folder (paths or URIs), in name order."""
+    folder = storage.as_path(folder)
     return [folder / f"{name}.parquet" for name in done_shards(folder)]
 
 
-def write_manifest(folder: Path, encoder: dict, dtype: str, records: dict[str, dict], complete: bool = True) -> dict:
+def write_manifest(folder, encoder: dict, dtype: str, records: dict[str, dict], complete: bool = True) -> dict:
     """The driver's manifest: the encoder, the stored dtype, totals and every shard's record."""
     manifest = {
         "complete": complete,
@@ -103,13 +85,13 @@ def write_manifest(folder: Path, encoder: dict, dtype: str, records: dict[str, d
         "skipped": sum(sum(r["skipped"].values()) for r in records.values()),
         "records": records,
     }
-    write_json(Path(folder) / MANIFEST, manifest)
+    write_json(storage.as_path(folder) / MANIFEST, manifest)
     return manifest
 
 
-def read_manifest(folder: str | Path) -> dict:
+def read_manifest(folder) -> dict:
     """The manifest of an embedding folder; a clear error when there is none."""
-    path = Path(folder) / MANIFEST
+    path = storage.as_path(folder) / MANIFEST
     if not path.is_file():
         raise ConfigError(f"no {MANIFEST} in {folder}: run `make embed` first")
     return json.loads(path.read_text())
@@ -129,14 +111,14 @@ def check_compatible(manifest: dict, encoder: dict) -> None:
         )
 
 
-def read_table(folder: str | Path, columns: list[str] | None = None, filters=None, with_shard: bool = False) -> pa.Table:
+def read_table(folder, columns: list[str] | None = None, filters=None, with_shard: bool = False) -> pa.Table:
     """All finished shards of a folder as one table (some columns, pyarrow filters, a `shard` column)."""
     paths = shard_paths(folder)
     if not paths:
         raise ConfigError(f"no finished embedding shards in {folder}: run `make embed` first")
     tables = []
     for path in paths:
-        table = pq.read_table(path, columns=columns, filters=filters)
+        table = storage.read_parquet(path, columns=columns, filters=filters)
         if with_shard:
             table = table.append_column("shard", pa.array([shard_name(path)] * table.num_rows, pa.string()))
         tables.append(table)

@@ -2,16 +2,16 @@
 
 A tar holds `key.jpg`, `key.txt` and `key.json` per sample (img2dataset's layout); beside it,
 `NNNNN.parquet` lists every row with its status and `NNNNN_stats.json` marks the tar finished.
+The shards folder may be a local path or an object-storage URI (embeddings/storage.py).
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from embeddings import storage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -19,7 +19,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 def iter_tar_samples(tar_path: str | Path) -> Iterator[dict]:
     """Samples of a tar in order: {'key', 'image' (bytes or None), 'caption', 'meta' (dict)}."""
     current: dict | None = None
-    with tarfile.open(tar_path) as tar:
+    with storage.open_tar(tar_path) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -47,7 +47,7 @@ def read_images(shards_dir: str | Path, wanted: dict[str, str]) -> dict[str, byt
         by_shard.setdefault(shard, set()).add(key)
     found: dict[str, bytes] = {}
     for shard, keys in by_shard.items():
-        with tarfile.open(Path(shards_dir) / f"{shard}.tar") as tar:
+        with storage.open_tar(storage.as_path(shards_dir) / f"{shard}.tar") as tar:
             for member in tar:
                 stem, _, ext = member.name.rpartition(".")
                 if stem in keys and ext in IMAGE_EXTENSIONS:
@@ -55,21 +55,22 @@ def read_images(shards_dir: str | Path, wanted: dict[str, str]) -> dict[str, byt
     return found
 
 
-def finished_tars(shards_dir: str | Path) -> list[Path]:
+def finished_tars(shards_dir) -> list:
     """Tars whose `_stats.json` exists (all tars where no stats are written at all), in name order."""
-    shards_dir = Path(shards_dir)
-    tars = sorted(shards_dir.glob("*.tar"))
-    if not any(shards_dir.glob("*_stats.json")):
+    tars = storage.listing(shards_dir, "*.tar")
+    stats = {p.name.removesuffix("_stats.json") for p in storage.listing(shards_dir, "*_stats.json")}
+    if not stats:
         return tars
-    return [t for t in tars if (shards_dir / f"{t.stem}_stats.json").exists()]
+    return [t for t in tars if t.stem in stats]
 
 
 def tar_info(tar_path: str | Path) -> tuple[int, str | None]:
     """(samples in the tar, its split or None) from img2dataset's shard parquet; counts the tar otherwise."""
-    tar_path = Path(tar_path)
+    tar_path = storage.as_path(tar_path)
     meta = tar_path.with_suffix(".parquet")
     if meta.is_file():
-        table = pq.read_table(meta, columns=[c for c in ("status", "split") if c in pq.read_schema(meta).names])
+        names = storage.parquet_file(meta).schema_arrow.names
+        table = storage.read_parquet(meta, columns=[c for c in ("status", "split") if c in names])
         status = table.column("status").to_pylist()
         splits = set(table.column("split").to_pylist()) if "split" in table.column_names else {None}
         if len(splits) > 1:

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from embeddings import storage
 from embeddings.config import ConfigError, parse_overrides
 
 _JOBS = {
@@ -92,7 +93,7 @@ def _run(args) -> None:
     elif args.job == "export-clip-retrieval":
         from pipelines.clip_retrieval import export_clip_retrieval
 
-        out = Path(args.out) if args.out else layout.root / "clip_retrieval"
+        out = storage.as_path(args.out) if args.out else layout.root / "clip_retrieval"
         counts = export_clip_retrieval(layout.embeddings, out)
         print(f"exported {counts['rows']} rows in {counts['shards']} parts to {out}/ (img_emb/, text_emb/, metadata/)")
     elif args.job == "import-clip-retrieval":

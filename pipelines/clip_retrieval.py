@@ -11,51 +11,54 @@ warning, where a producer wrote none). N is our shard number, so file N is embed
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from embeddings import store
+from embeddings import storage, store
 from embeddings.config import ConfigError
 
 SUBFOLDERS = {"image_embedding": ("img_emb", "img_emb"), "text_embedding": ("text_emb", "text_emb")}
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
+def _save_npy(path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def _load_npy(path) -> np.ndarray:
+    with storage.as_path(path).open("rb") as f:
+        return np.load(io.BytesIO(f.read()))
 
 
 def export_clip_retrieval(embeddings_dir: str | Path, output_dir: str | Path) -> dict:
     """Write every finished embedding shard in clip-retrieval's layout; returns counts."""
-    output_dir = Path(output_dir)
+    output_dir = storage.as_path(output_dir)
     manifest = store.read_manifest(embeddings_dir)
     numpy_dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
-    for folder, _ in SUBFOLDERS.values():
-        (output_dir / folder).mkdir(parents=True, exist_ok=True)
-    (output_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    for folder in [f for f, _ in SUBFOLDERS.values()] + ["metadata"]:
+        storage.make_folder(output_dir / folder)
     rows = 0
     for path in tqdm(store.shard_paths(embeddings_dir), desc="export", unit="shard"):
         n = int(store.shard_name(path))
-        table = pq.read_table(path)
+        table = storage.read_parquet(path)
         for column, (folder, prefix) in SUBFOLDERS.items():
             _save_npy(output_dir / folder / f"{prefix}_{n}.npy", store.arrow_to_vectors(table.column(column), numpy_dtype))
         metadata = table.drop_columns(list(SUBFOLDERS))
-        store.write_parquet(output_dir / "metadata" / f"metadata_{n}.parquet", metadata)
+        storage.write_parquet(output_dir / "metadata" / f"metadata_{n}.parquet", metadata)
         rows += table.num_rows
     return {"shards": len(store.shard_paths(embeddings_dir)), "rows": rows, "dim": manifest["dim"]}
 
 
-def _numbered(folder: Path, prefix: str, suffix: str) -> dict[int, Path]:
+def _numbered(folder, prefix: str, suffix: str) -> dict[int, Path]:
     pattern = re.compile(rf"^{prefix}_(\d+){re.escape(suffix)}$")
-    return {int(m.group(1)): p for p in folder.glob(f"{prefix}_*{suffix}") if (m := pattern.match(p.name))}
+    return {int(m.group(1)): p for p in storage.listing(folder, f"{prefix}_*{suffix}") if (m := pattern.match(p.name))}
 
 
 def import_clip_retrieval(source_dir: str | Path, output_dir: str | Path, *, encoder: dict | None = None,
@@ -65,7 +68,7 @@ def import_clip_retrieval(source_dir: str | Path, output_dir: str | Path, *, enc
     `encoder` describes the CLIP that made the embeddings (model, checksum); give the same CLIP
     the prior will be checked against. Vectors are L2-normalised again on the way in.
     """
-    source_dir, output_dir = Path(source_dir), Path(output_dir)
+    source_dir, output_dir = storage.as_path(source_dir), storage.as_path(output_dir)
     images = _numbered(source_dir / "img_emb", "img_emb", ".npy")
     texts = _numbered(source_dir / "text_emb", "text_emb", ".npy")
     metadata = _numbered(source_dir / "metadata", "metadata", ".parquet")
@@ -76,9 +79,9 @@ def import_clip_retrieval(source_dir: str | Path, output_dir: str | Path, *, enc
         raise ConfigError(f"{source_dir}: part {missing[0]} has img_emb but no text_emb or metadata; the prior needs both")
     records, dim = {}, None
     for n in tqdm(sorted(images), desc="import", unit="shard"):
-        z_i = np.load(images[n]).astype(np.float32)
-        z_t = np.load(texts[n]).astype(np.float32)
-        meta = pq.read_table(metadata[n])
+        z_i = _load_npy(images[n]).astype(np.float32)
+        z_t = _load_npy(texts[n]).astype(np.float32)
+        meta = storage.read_parquet(metadata[n])
         if not (len(z_i) == len(z_t) == meta.num_rows):
             raise ConfigError(f"{source_dir}: part {n} has {len(z_i)} image, {len(z_t)} text and {meta.num_rows} metadata rows")
         dim = z_i.shape[1]

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from embeddings import index as index_job
+from embeddings import storage
 from embeddings.config import (
     ConfigError,
     check_keys,
@@ -30,7 +32,6 @@ from embeddings.config import (
 )
 from embeddings.encoders import EncoderSpec
 from embeddings.layout import DataLayout
-from embeddings import index as index_job
 from pipelines import download as download_job
 from pipelines import embed as embed_job
 from pipelines import synthetic
@@ -59,7 +60,7 @@ class DataConfig:
 
     @property
     def url_list_path(self) -> Path:
-        return Path(self.url_list) if self.url_list else self.layout.urls
+        return storage.as_path(self.url_list) if self.url_list else self.layout.urls
 
 
 def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:
@@ -91,6 +92,10 @@ def run_data(config: DataConfig) -> dict:
     """`make data`: render the synthetic source of this config."""
     if config.synthetic is None:
         raise ConfigError(f"data set {config.name!r} has no 'synthetic' section: nothing to render")
+    if storage.is_uri(config.layout.root):
+        raise ConfigError(f"make data renders the synthetic source into a local folder that a local server serves; "
+                          f"data_root {config.data_root!r} is a URI: render with a local data_root, then download "
+                          f"with SET=\"data_root={config.data_root} url_list=<local data_root>/{config.name}/urls.parquet\"")
     return synthetic.generate(config.layout.root, samples_per_shard=config.samples_per_shard, **config.synthetic)
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from embeddings import storage
 from embeddings.config import ConfigError
 from embeddings.store import write_json
 from pipelines.cluster import ray_session
@@ -30,17 +31,18 @@ _FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 
 def read_url_list(path: str | Path, url_col: str = "url", caption_col: str | None = "caption") -> pa.Table:
     """Read a parquet/csv/tsv URL list, checking that the file and the named columns exist."""
-    path = Path(path)
+    path = storage.as_path(path)
     if not path.is_file():
         raise ConfigError(f"URL list not found: {path}")
     kind = _FORMATS.get(path.suffix)
     if kind is None:
         raise ConfigError(f"URL list {path}: unsupported format {path.suffix!r}; use one of {', '.join(_FORMATS)}")
     if kind == "parquet":
-        table = pq.read_table(path)
+        table = storage.read_parquet(path)
     else:
         options = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
-        table = pacsv.read_csv(path, parse_options=options)
+        with path.open("rb") as f:
+            table = pacsv.read_csv(f, parse_options=options)
     for role, column in (("url_col", url_col), ("caption_col", caption_col)):
         if column is not None and column not in table.column_names:
             raise ConfigError(
@@ -67,16 +69,16 @@ def _is_relative(url: str) -> bool:
     return "://" not in url
 
 
-def summarize(shards_dir: str | Path) -> dict:
+def summarize(shards_dir) -> dict:
     """Aggregate img2dataset's per-shard parquet and stats into one summary."""
-    shards_dir = Path(shards_dir)
-    stats_files = sorted(shards_dir.glob("*_stats.json"))
+    shards_dir = storage.as_path(shards_dir)
+    stats_files = storage.listing(shards_dir, "*_stats.json")
     failures: Counter = Counter()
     by_split: dict[str, Counter] = {}
     count = successes = 0
     for stats_file in stats_files:
         shard = stats_file.name.split("_")[0]
-        meta = pq.read_table(shards_dir / f"{shard}.parquet").to_pydict()
+        meta = storage.read_parquet(shards_dir / f"{shard}.parquet").to_pydict()
         split_col = meta.get("split", [None] * len(meta["status"]))
         for status, error, split in zip(meta["status"], meta["error_message"], split_col):
             count += 1
@@ -122,7 +124,7 @@ def download(
     """
     import img2dataset
 
-    url_list, output_dir = Path(url_list), Path(output_dir)
+    url_list, output_dir = storage.as_path(url_list), storage.as_path(output_dir)
     table = read_url_list(url_list, url_col, caption_col)
     check_shard_splits(table, samples_per_shard)
     if additional_columns is None:
@@ -131,10 +133,12 @@ def download(
     if missing:
         raise ConfigError(f"URL list {url_list}: no column {missing[0]!r} (in additional_columns)")
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    done_before = len(list(output_dir.glob("*_stats.json")))
+    storage.make_folder(output_dir)
+    done_before = len(storage.listing(output_dir, "*_stats.json"))
     urls = table.column(url_col).to_pylist()
     needs_server = any(_is_relative(u) for u in urls if u)
+    if needs_server and serve_root is None and storage.is_uri(url_list):
+        raise ConfigError(f"URL list {url_list} has relative URLs: they are served from a local folder (serve_root)")
     serve_root = Path(serve_root) if serve_root is not None else url_list.parent
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="unclip-download-") as tmp:
@@ -171,7 +175,7 @@ def download(
     fetched = summary["shards_downloaded_this_run"] * samples_per_shard
     summary["seconds_this_run"] = round(elapsed, 2)
     summary["urls_per_second_this_run"] = round(min(fetched, summary["count"]) / elapsed, 1) if fetched else 0.0
-    write_json(Path(summary_path) if summary_path else output_dir.parent / "download.json", summary)
+    write_json(summary_path or output_dir.parent / "download.json", summary)
     return summary
 
 

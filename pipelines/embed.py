@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from embeddings import store
+from embeddings import storage, store
 from embeddings.config import ConfigError
 from embeddings.encoders import EncoderSpec, load_encoder
 from embeddings.tars import finished_tars, iter_tar_samples, tar_info
@@ -34,11 +33,11 @@ from pipelines.cluster import ray_session
 _DROPPED = {"key", "caption", "status", "error_message", "exif", "__index_level_0__"}
 
 
-def passthrough_table(tar_path: Path, keys: list[str], samples: list[dict]) -> pa.Table:
+def passthrough_table(tar_path, keys: list[str], samples: list[dict]) -> pa.Table:
     """Passthrough columns for `keys`: typed from img2dataset's shard parquet when present, else the json."""
-    download_meta = tar_path.with_suffix(".parquet")
+    download_meta = storage.as_path(tar_path).with_suffix(".parquet")
     if download_meta.is_file():
-        table = pq.read_table(download_meta)
+        table = storage.read_parquet(download_meta)
         table = table.filter(pa.compute.is_in(table.column("key"), pa.array(keys)))
         order = {k: i for i, k in enumerate(table.column("key").to_pylist())}
         missing = [k for k in keys if k not in order]
@@ -66,7 +65,7 @@ class ShardEmbedder:
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
         self.encoder = load_encoder(spec)
-        self.output_dir = Path(output_dir)
+        self.output_dir = storage.as_path(output_dir)
         self.dtype, self.batch_size = dtype, batch_size
         self.pool = ThreadPoolExecutor(decode_threads)
 
@@ -89,7 +88,7 @@ class ShardEmbedder:
     def process(self, tar_path: str) -> dict:
         """Embed one tar into NNNNN.parquet + NNNNN_record.json; returns the record."""
         start = time.time()
-        tar_path = Path(tar_path)
+        tar_path = storage.as_path(tar_path)
         samples = list(iter_tar_samples(tar_path))
         skipped: Counter = Counter()
         keys, captions, image_vectors, text_vectors = [], [], [], []
@@ -174,7 +173,7 @@ def live_actors(actors: list) -> tuple[list, dict]:
     return live, info
 
 
-def run_shards(actors: list, tars: list[Path]):
+def run_shards(actors: list, tars: list):
     """Yield each tar's record as actors finish them; a shard whose actor dies (its node lost) goes to another."""
     import ray
 
@@ -219,11 +218,11 @@ def embed(
         raise ConfigError(f"embed: dtype {dtype!r}: use float16 or float32")
     spec = dict(encoder or {})
     EncoderSpec(**spec)  # unknown keys fail here, before Ray starts
-    shards_dir, output_dir = Path(shards_dir), Path(output_dir)
+    shards_dir, output_dir = storage.as_path(shards_dir), storage.as_path(output_dir)
     tars = finished_tars(shards_dir)  # img2dataset writes a tar's _stats.json after the tar
     if not tars:
         raise ConfigError(f"no webdataset shards in {shards_dir}: run `make download` first")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    storage.make_folder(output_dir)
     done = store.done_shards(output_dir)
     todo = [t for t in tars if store.shard_name(t) not in done]
     if not todo and (output_dir / store.MANIFEST).exists():  # nothing to embed: no Ray, just the check

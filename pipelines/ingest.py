@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from embeddings.layout import DataLayout
-from embeddings.store import write_parquet
+from embeddings.storage import write_parquet
 from pipelines.download import download
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

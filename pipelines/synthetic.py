@@ -23,7 +23,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from embeddings.layout import DataLayout
-from embeddings.store import write_atomic, write_parquet
+from embeddings.storage import write_bytes, write_parquet
 from pipelines import shapes
 
 SPLITS = ("val", "heldout", "train")
@@ -83,10 +83,10 @@ def _render_chunk(job: tuple) -> list[dict]:
         if kind == "404":
             path.unlink(missing_ok=True)
         elif kind == "html":
-            write_atomic(path, _HTML_PAGE)
+            write_bytes(path, _HTML_PAGE)
         else:
             data = shapes.encode_jpeg(shapes.render(scene, image_size), quality)
-            write_atomic(path, data[: len(data) // 2] if kind == "truncated" else data)
+            write_bytes(path, data[: len(data) // 2] if kind == "truncated" else data)
     return rows
 
 
@@ -141,7 +141,7 @@ def generate(
         "bad": {sample_id(i): kind for i, kind in sorted(bad.items())},
         "heldout_pairs": sorted(map(list, shapes.HELDOUT_PAIRS)),
     }
-    write_atomic(layout.source / "source.json", json.dumps(plan, indent=1, sort_keys=True).encode())
+    write_bytes(layout.source / "source.json", json.dumps(plan, indent=1, sort_keys=True).encode())
     return plan
 
 

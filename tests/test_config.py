@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from embeddings.config import ConfigError, parse_overrides
-from pipelines.data_config import load_data_config
+from pipelines.data_config import load_data_config, run_data
 from pipelines.download import check_shard_splits, read_url_list
 
 from .conftest import REPO
@@ -112,10 +112,14 @@ def test_training_configs_load_and_name_bad_keys(tmp_path):
         load_clip_config(_write(tmp_path, {"data": "x"}))
 
 
-def test_a_uri_as_storage_root_is_a_clear_error():
+def test_storage_roots_a_uri_only_where_it_can_be_one():
     from training.prior_job import load_prior_config
 
-    with pytest.raises(ConfigError, match="data_root 's3://bucket/data' is a URI"):
-        load_data_config(REPO / "configs/data/tiny.yaml", ["data_root=s3://bucket/data"])
+    config = load_data_config(REPO / "configs/data/tiny.yaml", ["data_root=s3://bucket/data"])
+    assert str(config.layout.embeddings) == "s3://bucket/data/tiny/embeddings"
+    with pytest.raises(ConfigError, match="no fsspec file system for nosuch://"):
+        load_data_config(REPO / "configs/data/tiny.yaml", ["data_root=nosuch://bucket/data"])
     with pytest.raises(ConfigError, match="outputs_root 'gs://b/o' is a URI"):
         load_prior_config(REPO / "configs/prior/tiny.yaml", ["outputs_root=gs://b/o"])
+    with pytest.raises(ConfigError, match="make data renders the synthetic source into a local folder"):
+        run_data(config)

@@ -221,7 +221,7 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
     assert cells == expected | {("unclip_full", 3.0, "val"), ("unclip_full", 3.0, "heldout")}
     for r in summary["results"]:
         assert 0 <= r["colour_accuracy"] <= 1 and -1 <= r["clip_score"] <= 1 and r["diversity_pixels"] >= 0 and r["images"] == 6
-    assert len(summary["diversity_at_equal_clip_score"]) == 4
+    assert {k: len(v) for k, v in summary["diversity_at_equal_clip_score"].items()} == {"pixels": 4, "clip": 4}
     for name in ("metrics.json", "table.md", "guidance.png", "samples-heldout-unclip.png", "samples-val-glide_like.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
@@ -260,3 +260,15 @@ def test_decoder_trains_and_exports_on_two_processes(launcher, tiny_embed, tmp_p
     exported = json.loads((tmp_path / "models" / "tiny" / "decoder" / "config.json").read_text())
     assert exported["metrics"]["step"] == 6 and math.isfinite(exported["metrics"]["val_loss"])
     assert (tmp_path / "outputs" / "train-decoder-tiny" / "samples" / "step000006.png").is_file()
+
+
+def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():
+    from training.unclip_eval import diversity_at_equal_clip_score
+
+    results = [{"system": "glide_like", "split": "val", "guidance": g, "clip_score": c, "diversity_clip": d}
+               for g, c, d in ((1.0, 0.9, 0.3), (3.0, 0.5, 0.1))]  # fmt: skip
+    results += [{"system": "unclip", "split": "val", "guidance": g, "clip_score": c, "diversity_clip": 0.4}
+                for g, c in ((1.0, 0.7), (3.0, 0.95))]  # fmt: skip
+    points = diversity_at_equal_clip_score(results, "unclip", "glide_like", "diversity_clip")
+    assert points[0]["glide_like"] == pytest.approx(0.2) and points[0]["unclip"] == 0.4
+    assert points[1]["glide_like"] is None  # outside the baseline's range of CLIP scores

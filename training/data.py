@@ -10,10 +10,9 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from PIL import Image
 
-from embeddings import store
+from embeddings import storage, store
 from embeddings.tars import finished_tars, iter_tar_samples, tar_info
 from training.streaming import Shard
 
@@ -53,9 +52,9 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") ->
     """Finished embedding shards holding `split` (rows counted from the Parquet metadata)."""
     shards = []
     for path in store.shard_paths(embeddings_dir):
-        meta = pq.ParquetFile(path)
+        meta = storage.parquet_file(path)
         if split is not None and "split" in meta.schema_arrow.names:
-            splits = set(pq.read_table(path, columns=["split"]).column("split").to_pylist())
+            splits = set(storage.read_parquet(path, columns=["split"]).column("split").to_pylist())
             if len(splits) > 1:
                 raise ValueError(f"{path} mixes splits {sorted(map(str, splits))}: trainers select splits per shard")
             if splits != {split}:
@@ -68,7 +67,7 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") ->
 
 def read_parquet_range(shard: Shard, start: int, stop: int, columns: list[str] | None = None) -> Iterator[dict]:
     """Rows start..stop-1 of an embedding shard as dicts (embeddings as float32 row vectors)."""
-    table = pq.read_table(shard.path, columns=columns).slice(start, stop - start)
+    table = storage.read_parquet(shard.path, columns=columns).slice(start, stop - start)
     names = table.column_names
     values = [list(store.arrow_to_vectors(table.column(c))) if c in store.EMBEDDING_COLUMNS else table.column(c).to_pylist()
               for c in names]  # fmt: skip

@@ -9,19 +9,17 @@ of a tar keep tar order, so `ShardStream` splits and resumes them as it does any
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from embeddings import store
+from embeddings import storage, store
 from embeddings.tars import IMAGE_EXTENSIONS, iter_tar_samples
 from training.data import decode_image, tar_shards
 from training.streaming import Shard, ShardStream
@@ -49,7 +47,7 @@ class JoinReport:
 def tar_image_keys(tar_path: str | Path) -> list[str]:
     """Keys of the samples that have an image, in tar order (reads headers only)."""
     keys = []
-    with tarfile.open(tar_path) as tar:
+    with storage.open_tar(tar_path) as tar:
         for member in tar:
             key, _, ext = member.name.rpartition(".")
             if member.isfile() and ext in IMAGE_EXTENSIONS:
@@ -59,7 +57,7 @@ def tar_image_keys(tar_path: str | Path) -> list[str]:
 
 def joined_shards(shards_dir: str | Path, embeddings_dir: str | Path, split: str | None = "train") -> tuple[list[Shard], JoinReport]:
     """One Shard per tar of `split` whose count is its joined samples, and the join report."""
-    embeddings_dir = Path(embeddings_dir)
+    embeddings_dir = storage.as_path(embeddings_dir)
     done = set(store.done_shards(embeddings_dir))
     shards, report = [], JoinReport()
     for tar in tar_shards(shards_dir, split):
@@ -69,7 +67,7 @@ def joined_shards(shards_dir: str | Path, embeddings_dir: str | Path, split: str
             report.missing_shards.append(name)
             report.missing_embedding += len(image_keys)
             continue
-        embedded = set(pq.read_table(embeddings_dir / f"{name}.parquet", columns=["key"]).column("key").to_pylist())
+        embedded = set(storage.read_parquet(embeddings_dir / f"{name}.parquet", columns=["key"]).column("key").to_pylist())
         joined = sum(k in embedded for k in image_keys)
         report.joined += joined
         report.missing_embedding += len(image_keys) - joined
@@ -108,7 +106,7 @@ class ImageEmbeddingDataModule(L.LightningDataModule):
     def __init__(self, shards_dir: str, embeddings_dir: str, image_size: int, batch_size: int = 64, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 2048, val_samples: int = 256, val_split: str = "val"):  # fmt: skip
         super().__init__()
-        self.shards_dir, self.embeddings_dir, self.image_size = shards_dir, Path(embeddings_dir), image_size
+        self.shards_dir, self.embeddings_dir, self.image_size = shards_dir, storage.as_path(embeddings_dir), image_size
         self.batch_size, self.num_workers, self.seed, self.shuffle_buffer = batch_size, num_workers, seed, shuffle_buffer
         self.val_samples, self.val_split = val_samples, val_split
         self.reports: dict[str, JoinReport] = {}
@@ -123,7 +121,7 @@ class ImageEmbeddingDataModule(L.LightningDataModule):
 
     def read(self, shard: Shard, start: int, stop: int) -> Iterator[dict]:
         """Joined samples start..stop-1 of a tar: its embedding row by key, the image decoded and squared."""
-        table = pq.read_table(self.embeddings_dir / f"{store.shard_name(shard.path)}.parquet", columns=COLUMNS)
+        table = storage.read_parquet(self.embeddings_dir / f"{store.shard_name(shard.path)}.parquet", columns=COLUMNS)
         row_of = {k: i for i, k in enumerate(table.column("key").to_pylist())}
         vectors = {c: store.arrow_to_vectors(table.column(c)) for c in store.EMBEDDING_COLUMNS}
         captions = table.column("caption").to_pylist()

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from embeddings import storage
 from embeddings.config import STORAGE_KEYS, ConfigError
 
 LAUNCHERS = ("lightning", "ray")
@@ -39,7 +40,8 @@ def run_job(job: Callable[..., dict], config: dict) -> dict:
 
 
 def absolute_paths(config: dict) -> dict:
-    """The config with its storage paths made absolute (the data set's data_root filled in from its config)."""
+    """The config with its storage paths made absolute (the data set's data_root filled in from its config;
+    an object-storage URI stays as it is)."""
     from pipelines.data_config import load_data_config
 
     config = dict(config)
@@ -48,7 +50,7 @@ def absolute_paths(config: dict) -> dict:
     defaults = {"models_root": "models", "outputs_root": "outputs"}  # the jobs' own defaults
     for key in STORAGE_KEYS:
         value = config.get(key) or defaults.get(key)
-        if value:
+        if value and not storage.is_uri(value):
             config[key] = str(Path(value).resolve())
     return config
 

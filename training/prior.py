@@ -12,11 +12,11 @@ import math
 
 import lightning as L
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from embeddings import storage
 from training.conditioning import FrozenTextTokens
 from training.data import embedding_shards, read_parquet_range
 from training.diffusion import ddim_sample, guided, noise_schedule, sample_timesteps, seeded_noise
@@ -184,7 +184,7 @@ class PriorDataModule(L.LightningDataModule):
         """The val pairs, each with a `scene` label from the attribute columns where the data has them."""
         rows = []
         for shard in embedding_shards(self.embeddings_dir, self.val_split):
-            present = [c for c in SCENE_COLUMNS if c in pq.read_schema(shard.path).names]
+            present = [c for c in SCENE_COLUMNS if c in storage.parquet_file(shard.path).schema_arrow.names]
             for row in read_parquet_range(shard, 0, shard.count, self.COLUMNS + present):
                 row["scene"] = "|".join(str(row.pop(c)) for c in present) if present else None
                 rows.append(row)

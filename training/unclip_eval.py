@@ -137,7 +137,9 @@ def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | 
                "decoder_steps": steps, "upsampler_steps": upsampler_steps, "default_guidance": default_scale,
                "results": results}  # fmt: skip
     if "glide_like" in systems:
-        summary["diversity_at_equal_clip_score"] = diversity_at_equal_clip_score(results, "unclip", "glide_like")
+        summary["diversity_at_equal_clip_score"] = {
+            name: diversity_at_equal_clip_score(results, "unclip", "glide_like", f"diversity_{name}") for name in ("pixels", "clip")
+        }
     out_dir.mkdir(parents=True, exist_ok=True)
     store.write_json(out_dir / "metrics.json", summary)
     (out_dir / "table.md").write_text(markdown_table(results) + "\n")
@@ -223,4 +225,9 @@ def main_summary(summary: dict) -> str:
             lines.append(f"{r['split']:>8} {r['system']:<11} colour {r['colour_accuracy']:.1%}  shape {r['shape_accuracy']:.1%}  "
                          f"position {r['position_accuracy']:.1%}  CLIP score {r['clip_score']:.3f}  "
                          f"diversity {r['diversity_pixels']:.3f}")  # fmt: skip
+    for name, points in summary.get("diversity_at_equal_clip_score", {}).items():
+        for p in points:
+            if p["glide_like"] is not None:
+                lines.append(f"{p['split']:>8} guidance {p['guidance']:g}: diversity ({name}) at CLIP score {p['clip_score']:.3f}: "
+                             f"unclip {p['unclip']:.3f}, glide_like {p['glide_like']:.3f}")  # fmt: skip
     return "\n".join(lines)
