@@ -64,14 +64,14 @@ DEMO_PROMPTS ?= configs/demo-prompts.txt
 DEMO_OUT ?= outputs/demo
 # Each stage is its own make call, so an interrupted demo resumes: finished shards are skipped and
 # trainers continue from their last checkpoint (`make clean` starts afresh). To fit 30 minutes on 2 cores
-# the demo trains the prior 1 200 steps (default 1 500), the decoders 700 (default 2 800) and the
+# the demo trains the prior 1 200 steps (default 1 500), the decoders 800 (default 2 800) and the
 # upsampler 400 (default 500); `make train-decoder` etc. afterwards continue them to the defaults.
 demo: setup ## the whole pipeline on the embedded default (committed CLIP): data → ... → eval; results in outputs/demo/
 	@start=$$(date +%s); stage() { s=$$(date +%s); $(MAKE) --no-print-directory "$$@" || exit 1; \
 		echo "[demo] $$* done in $$(( $$(date +%s) - s )) s (total $$(( $$(date +%s) - start )) s)"; }; \
 	stage data download embed index eval-clip CONFIG=$(CONFIG) && \
-	stage train-prior SET=max_steps=1200 && stage train-decoder SET=max_steps=700 && stage train-upsampler SET=max_steps=400 && \
-	stage train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml SET=max_steps=700 && \
+	stage train-prior SET=max_steps=1200 && stage train-decoder SET=max_steps=800 && stage train-upsampler SET=max_steps=400 && \
+	stage train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml SET=max_steps=800 && \
 	stage sample PROMPTS=$(DEMO_PROMPTS) N=4 OUT=$(DEMO_OUT)/sample.png && \
 	stage eval OUT=$(DEMO_OUT) && \
 	stage knn QUERY="$$(head -1 $(DEMO_PROMPTS))" KNN_OUT=$(DEMO_OUT) && \
