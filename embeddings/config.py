@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import yaml
 
+from embeddings.storage import is_uri
+
 
 class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, missing file or column."""
@@ -86,7 +88,7 @@ def check_storage_paths(config: dict, where: str) -> None:
     """data_root may be a path or an object-storage URI (s3://, gs://, ...) whose fsspec backend is
     installed; models_root and outputs_root (checkpoints, exports, Lightning logs) must be paths."""
     value = config.get("data_root")
-    if isinstance(value, str) and "://" in value and not value.startswith("file://"):
+    if isinstance(value, str) and is_uri(value):
         import fsspec
 
         protocol = value.split("://", 1)[0]

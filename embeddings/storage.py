@@ -19,7 +19,6 @@ instance role); the protocol's fsspec package must be installed (s3fs ships with
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import tarfile
@@ -69,22 +68,14 @@ def write_bytes(path, data: bytes) -> None:
     if is_uri(path):
         path.fs.pipe_file(path.path, data)  # one PUT: the object store publishes it whole or not at all
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with local_target(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_parquet(path, table: pa.Table) -> None:
-    """Write a Parquet file atomically."""
-    path = as_path(path)
-    if is_uri(path):
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        write_bytes(path, buffer.getvalue())
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    """Write a Parquet file atomically (through local_target)."""
+    with local_target(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_parquet(path, columns: list[str] | None = None, filters=None) -> pa.Table:

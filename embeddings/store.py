@@ -67,9 +67,10 @@ def done_shards(folder) -> dict[str, dict]:
 
 
 def shard_paths(folder) -> list:
-    """The finished embedding shards of a folder (paths or URIs), in name order."""
+    """The finished embedding shards of a folder (paths or URIs), in name order; only lists the
+    records, without reading them (one request per shard saved on object storage)."""
     folder = storage.as_path(folder)
-    return [folder / f"{name}.parquet" for name in done_shards(folder)]
+    return [folder / f"{p.name.removesuffix(RECORD_SUFFIX)}.parquet" for p in storage.listing(folder, f"*{RECORD_SUFFIX}")]
 
 
 def write_manifest(folder, encoder: dict, dtype: str, records: dict[str, dict], complete: bool = True) -> dict:

@@ -44,8 +44,8 @@ def export_clip_retrieval(embeddings_dir: str | Path, output_dir: str | Path) ->
     numpy_dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
     for folder in [f for f, _ in SUBFOLDERS.values()] + ["metadata"]:
         storage.make_folder(output_dir / folder)
-    rows = 0
-    for path in tqdm(store.shard_paths(embeddings_dir), desc="export", unit="shard"):
+    rows, paths = 0, store.shard_paths(embeddings_dir)
+    for path in tqdm(paths, desc="export", unit="shard"):
         n = int(store.shard_name(path))
         table = storage.read_parquet(path)
         for column, (folder, prefix) in SUBFOLDERS.items():
@@ -53,7 +53,7 @@ def export_clip_retrieval(embeddings_dir: str | Path, output_dir: str | Path) ->
         metadata = table.drop_columns(list(SUBFOLDERS))
         storage.write_parquet(output_dir / "metadata" / f"metadata_{n}.parquet", metadata)
         rows += table.num_rows
-    return {"shards": len(store.shard_paths(embeddings_dir)), "rows": rows, "dim": manifest["dim"]}
+    return {"shards": len(paths), "rows": rows, "dim": manifest["dim"]}
 
 
 def _numbered(folder, prefix: str, suffix: str) -> dict[int, Path]:

@@ -58,7 +58,7 @@ def tar_image_keys(tar_path: str | Path) -> list[str]:
 def joined_shards(shards_dir: str | Path, embeddings_dir: str | Path, split: str | None = "train") -> tuple[list[Shard], JoinReport]:
     """One Shard per tar of `split` whose count is its joined samples, and the join report."""
     embeddings_dir = storage.as_path(embeddings_dir)
-    done = set(store.done_shards(embeddings_dir))
+    done = {store.shard_name(p) for p in store.shard_paths(embeddings_dir)}
     shards, report = [], JoinReport()
     for tar in tar_shards(shards_dir, split):
         name = store.shard_name(tar.path)
