@@ -31,7 +31,7 @@ JOB_train-prior = training prior --config $(PRIOR_CONFIG)
 JOB_train-decoder = training decoder --config $(DECODER_CONFIG)
 JOB_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG)
 
-.PHONY: help setup lock test test-all demo data download ingest embed index knn export-clip-retrieval \
+.PHONY: help setup lock test test-all format demo data download ingest embed index knn export-clip-retrieval \
 	import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder train-upsampler sample variations \
 	interpolate textdiff eval submit bench-download bench-embed clean
 
@@ -59,6 +59,9 @@ test: setup ## run the default test suite (offline, CPU)
 
 test-all: setup ## run every test, the slow quality floors included
 	$(PY) -m pytest -m "not gpu"
+
+format: setup ## format the code with ruff (make test checks that it is formatted)
+	$(PY) -m ruff format .
 
 DEMO_PROMPTS ?= configs/demo-prompts.txt
 DEMO_OUT ?= outputs/demo

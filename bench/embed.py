@@ -104,12 +104,33 @@ def run_clip_retrieval(tars: list[Path], model: str, checkpoint: Path, out: Path
     """clip-retrieval inference on the same tars in its own venv; samples/s over its wall time."""
     exe = CR_VENV / "bin" / "clip-retrieval"
     if not exe.exists():
-        raise SystemExit(f"{exe} missing: python3 -m venv {CR_VENV} && {CR_VENV}/bin/pip install "
-                         "clip-retrieval==2.45.0 'setuptools<70' torch==2.14.1 torchvision==0.29.1")  # fmt: skip
+        raise SystemExit(
+            f"{exe} missing: python3 -m venv {CR_VENV} && {CR_VENV}/bin/pip install "
+            "clip-retrieval==2.45.0 'setuptools<70' torch==2.14.1 torchvision==0.29.1"
+        )
     spec = "{" + ",".join(t.stem for t in tars) + "}"
-    cmd = [str(exe), "inference", "--input_dataset", str(tars[0].parent / f"{spec}.tar"), "--input_format", "webdataset",
-           "--output_folder", str(out), "--clip_model", f"open_clip:{model}/{checkpoint}", "--batch_size", "64",
-           "--num_prepro_workers", "2", "--enable_text", "True", "--enable_metadata", "True", "--enable_wandb", "False"]  # fmt: skip
+    cmd = [
+        str(exe),
+        "inference",
+        "--input_dataset",
+        str(tars[0].parent / f"{spec}.tar"),
+        "--input_format",
+        "webdataset",
+        "--output_folder",
+        str(out),
+        "--clip_model",
+        f"open_clip:{model}/{checkpoint}",
+        "--batch_size",
+        "64",
+        "--num_prepro_workers",
+        "2",
+        "--enable_text",
+        "True",
+        "--enable_metadata",
+        "True",
+        "--enable_wandb",
+        "False",
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
     return samples / (time.perf_counter() - start)
@@ -134,7 +155,12 @@ def main() -> None:
     else:
         spec = {"model": args.model, "weights": str(random_checkpoint(args.model))}
     encoder = load_encoder(spec)
-    result = {"model": args.model, "compute_dtype": str(encoder.dtype), "cpus": os.cpu_count(), "batch_size": args.batch_size}
+    result = {
+        "model": args.model,
+        "compute_dtype": str(encoder.dtype),
+        "cpus": os.cpu_count(),
+        "batch_size": args.batch_size,
+    }
     result["bare_samples_per_s"] = round(bare_throughput(encoder, tars, args.batch_size), 1)
     del encoder
 

@@ -39,7 +39,10 @@ def make_tar(path: Path, n: int, size: int = 256) -> None:
     with tarfile.open(path, "w") as tar:
         for i in range(n):
             scene = shapes.sample_scene(rng, n_objects=1 + i % 2)
-            for ext, data in (("jpg", shapes.encode_jpeg(shapes.render(scene, size))), ("txt", shapes.caption(scene).encode())):
+            for ext, data in (
+                ("jpg", shapes.encode_jpeg(shapes.render(scene, size))),
+                ("txt", shapes.caption(scene).encode()),
+            ):
                 info = tarfile.TarInfo(f"{i:09d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -59,8 +62,12 @@ def embed_checks(work: Path, n: int = 4096, batch: int = 256) -> dict:
     from training.data import decode_image
 
     make_tar(work / "00000.tar", n)
-    embedder = ShardEmbedder({"model": "ViT-L-14", "precision": "bf16", "device": "cuda"}, str(work / "out"),
-                             batch_size=batch, decode_threads=14)  # fmt: skip
+    embedder = ShardEmbedder(
+        {"model": "ViT-L-14", "precision": "bf16", "device": "cuda"},
+        str(work / "out"),
+        batch_size=batch,
+        decode_threads=14,
+    )
     encoder = embedder.encoder
     pixels = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     texts = ["a small red circle at the top left on a gray background"] * batch
@@ -80,7 +87,9 @@ def embed_checks(work: Path, n: int = 4096, batch: int = 256) -> dict:
 
     def gpu_preprocess_run():
         chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
-        decoded = embedder.pool.map(lambda c: torch.from_numpy(np.stack([np.asarray(decode_image(s["image"])) for s in c])), chunks)
+        decoded = embedder.pool.map(
+            lambda c: torch.from_numpy(np.stack([np.asarray(decode_image(s["image"])) for s in c])), chunks
+        )
         for chunk in decoded:
             x = chunk.cuda(non_blocking=True).permute(0, 3, 1, 2).float() / 255
             x = F.interpolate(x, size=224, mode="bicubic", antialias=True, align_corners=False)
@@ -97,7 +106,9 @@ def embed_checks(work: Path, n: int = 4096, batch: int = 256) -> dict:
         "embed_path_samples_per_s": round(n / path_s),
         "embed_path_note": "ShardEmbedder.process: tar read, PIL decode in 14 threads, resize/crop/normalise on the GPU, image and text towers, parquet write",
         "decode_cpu_preprocess_gpu_images_per_s": round(n / gpu_pre_s),
-        "decode_cpu_preprocess_gpu_share_of_peak": round(n / gpu_pre_s * VIT_L14_GFLOP / (H200_BF16_PEAK_TFLOPS * 1000), 3),
+        "decode_cpu_preprocess_gpu_share_of_peak": round(
+            n / gpu_pre_s * VIT_L14_GFLOP / (H200_BF16_PEAK_TFLOPS * 1000), 3
+        ),
     }
 
 
@@ -127,9 +138,13 @@ def prior_check(batch: int = 512, steps: int = 20) -> dict:
         step()
     seconds = timed(step, steps)
     params = sum(p.numel() for p in net.parameters())
-    return {"prior": "width 768, depth 12, heads 12, 77 text tokens, bf16 autocast, AdamW (fused)", "batch": batch,
-            "parameters_millions": round(params / 1e6, 1), "train_samples_per_s": round(batch / seconds),
-            "steps_per_s": round(1 / seconds, 2)}  # fmt: skip
+    return {
+        "prior": "width 768, depth 12, heads 12, 77 text tokens, bf16 autocast, AdamW (fused)",
+        "batch": batch,
+        "parameters_millions": round(params / 1e6, 1),
+        "train_samples_per_s": round(batch / seconds),
+        "steps_per_s": round(1 / seconds, 2),
+    }
 
 
 def main() -> None:

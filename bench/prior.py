@@ -35,7 +35,7 @@ from embeddings.hardware import resolve_dtype  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 DALLE2_VENV = Path(__file__).parent / ".venv-dalle2"
 
-DALLE2_STEP = r'''
+DALLE2_STEP = r"""
 import json, sys, time, torch
 from dalle2_pytorch import DiffusionPrior, DiffusionPriorNetwork
 a = json.loads(sys.argv[1]); torch.manual_seed(0); torch.set_num_threads(a["threads"])
@@ -51,7 +51,7 @@ def step():
 for _ in range(3): step()
 start = time.perf_counter(); losses = [step() for _ in range(a["steps"])]
 print(json.dumps({"samples_per_s": a["steps"] * a["batch"] / (time.perf_counter() - start), "loss": losses[-1]}))
-'''
+"""
 
 
 def ours(args, data) -> dict:
@@ -60,8 +60,16 @@ def ours(args, data) -> dict:
 
     torch.manual_seed(0)
     dtype = resolve_dtype("auto", torch.device("cpu"))
-    net = DiffusionPrior(PriorConfig(dim=args.width, width=args.width, depth=args.depth, heads=args.heads,
-                                     text_token_width=args.width, max_text_tokens=77))  # fmt: skip
+    net = DiffusionPrior(
+        PriorConfig(
+            dim=args.width,
+            width=args.width,
+            depth=args.depth,
+            heads=args.heads,
+            text_token_width=args.width,
+            max_text_tokens=77,
+        )
+    )
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
     schedule, scale = noise_schedule("sample"), args.width**0.5
 
@@ -81,7 +89,11 @@ def ours(args, data) -> dict:
         step()
     start = time.perf_counter()
     losses = [step() for _ in range(args.steps)]
-    return {"samples_per_s": args.steps * args.batch / (time.perf_counter() - start), "loss": losses[-1], "dtype": str(dtype)}
+    return {
+        "samples_per_s": args.steps * args.batch / (time.perf_counter() - start),
+        "loss": losses[-1],
+        "dtype": str(dtype),
+    }
 
 
 def read_rates(embeddings_dir: Path) -> dict:
@@ -96,12 +108,20 @@ def read_rates(embeddings_dir: Path) -> dict:
     ours_rate = rows / (time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
         export_clip_retrieval(embeddings_dir, tmp)
-        reader = EmbeddingReader(f"{tmp}/img_emb", file_format="parquet_npy", metadata_folder=f"{tmp}/metadata",
-                                 meta_columns=["key", "caption"])  # fmt: skip
+        reader = EmbeddingReader(
+            f"{tmp}/img_emb",
+            file_format="parquet_npy",
+            metadata_folder=f"{tmp}/metadata",
+            meta_columns=["key", "caption"],
+        )
         start = time.perf_counter()
         total = sum(len(v) for v, _ in reader(batch_size=256, start=0, end=reader.count, show_progress=False))
         theirs = total / (time.perf_counter() - start)
-    return {"ours_rows_per_s": round(ours_rate), "embedding_reader_rows_per_s": round(theirs), "read_ratio": round(ours_rate / theirs, 2)}
+    return {
+        "ours_rows_per_s": round(ours_rate),
+        "embedding_reader_rows_per_s": round(theirs),
+        "read_ratio": round(ours_rate / theirs, 2),
+    }
 
 
 def main() -> None:
@@ -117,18 +137,33 @@ def main() -> None:
 
     torch.manual_seed(0)
     z_i = F.normalize(torch.randn(args.batch, args.width), dim=-1)
-    data = {"z_i": z_i, "z_t": F.normalize(z_i + 0.5 * torch.randn_like(z_i), dim=-1), "tokens": torch.randn(args.batch, 77, args.width)}
-    result = {"width": args.width, "depth": args.depth, "heads": args.heads, "batch": args.batch, "text_tokens": 77,
-              "cpus": os.cpu_count(), "ours": ours(args, data)}  # fmt: skip
+    data = {
+        "z_i": z_i,
+        "z_t": F.normalize(z_i + 0.5 * torch.randn_like(z_i), dim=-1),
+        "tokens": torch.randn(args.batch, 77, args.width),
+    }
+    result = {
+        "width": args.width,
+        "depth": args.depth,
+        "heads": args.heads,
+        "batch": args.batch,
+        "text_tokens": 77,
+        "cpus": os.cpu_count(),
+        "ours": ours(args, data),
+    }
     if args.dalle2:
         python = DALLE2_VENV / "bin" / "python"
         if not python.exists():
-            raise SystemExit(f"{python} missing: python3 -m venv {DALLE2_VENV} && {DALLE2_VENV}/bin/pip install "
-                             "dalle2-pytorch==1.15.6 torch==2.14.1 torchvision==0.29.1")  # fmt: skip
+            raise SystemExit(
+                f"{python} missing: python3 -m venv {DALLE2_VENV} && {DALLE2_VENV}/bin/pip install "
+                "dalle2-pytorch==1.15.6 torch==2.14.1 torchvision==0.29.1"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(data, f"{tmp}/data.pt")
             spec = dict(vars(args), dim=args.width, data=f"{tmp}/data.pt", threads=torch.get_num_threads())
-            out = subprocess.run([str(python), "-c", DALLE2_STEP, json.dumps(spec)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [str(python), "-c", DALLE2_STEP, json.dumps(spec)], capture_output=True, text=True, check=True
+            )
         result["dalle2_pytorch"] = json.loads(out.stdout.strip().splitlines()[-1])
         result["speedup"] = round(result["ours"]["samples_per_s"] / result["dalle2_pytorch"]["samples_per_s"], 2)
     if Path(args.embeddings).is_dir():

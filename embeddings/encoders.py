@@ -83,8 +83,11 @@ class ClipEncoder:
         self.model = model.to(self.device, self.dtype).eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
-        self.dim = int(model.text_projection.shape[-1] if hasattr(model, "text_projection") and model.text_projection is not None
-                       else model.visual.output_dim)  # fmt: skip
+        self.dim = int(
+            model.text_projection.shape[-1]
+            if hasattr(model, "text_projection") and model.text_projection is not None
+            else model.visual.output_dim
+        )
         size = getattr(preprocess.transforms[0], "size", None)
         self.image_size = size if isinstance(size, int) or size is None else size[0]
 
@@ -123,7 +126,9 @@ class ClipEncoder:
             scale = size / min(h, w)
             new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
             if (new_h, new_w) != (h, w):
-                x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+                x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(
+                    0, 1
+                )
             top, left = (new_h - size) // 2, (new_w - size) // 2
             out[rows] = (x[:, :, top : top + size, left : left + size] - mean) / std
         return out
@@ -153,13 +158,20 @@ def load_encoder(spec: EncoderSpec | dict | None = None) -> ClipEncoder:
     if isinstance(spec, dict):
         unknown = set(spec) - set(EncoderSpec.__dataclass_fields__)
         if unknown:
-            raise ConfigError(f"encoder: unknown key {sorted(unknown)[0]!r}; known: {', '.join(EncoderSpec.__dataclass_fields__)}")
+            raise ConfigError(
+                f"encoder: unknown key {sorted(unknown)[0]!r}; known: {', '.join(EncoderSpec.__dataclass_fields__)}"
+            )
         spec = EncoderSpec(**spec)
     return ClipEncoder(spec)
 
 
-def save_clip_folder(model: torch.nn.Module, model_cfg: dict, folder: str | Path, preprocess_cfg: dict | None = None,
-                     extra: dict | None = None) -> Path:  # fmt: skip
+def save_clip_folder(
+    model: torch.nn.Module,
+    model_cfg: dict,
+    folder: str | Path,
+    preprocess_cfg: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Export a CLIP in open_clip's folder layout (open_clip_config.json + open_clip_model.safetensors).
 
     open_clip itself loads the folder (`local-dir:`), so the embed job needs no code of ours to read
@@ -172,8 +184,12 @@ def save_clip_folder(model: torch.nn.Module, model_cfg: dict, folder: str | Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    preprocess_cfg = preprocess_cfg or {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
-                                        "interpolation": "bicubic", "resize_mode": "shortest"}  # fmt: skip
+    preprocess_cfg = preprocess_cfg or {
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = folder / ".open_clip_model.safetensors.tmp"
     save_file(state, str(tmp))

@@ -78,8 +78,14 @@ def recall_at_k(index, vectors: np.ndarray, k: int = 10, queries: int = 1000, se
     return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
 
 
-def build_indices(embeddings_dir: str | Path, index_dir: str | Path, *, memory_budget_gb: float = 4.0,
-                  factory: str | None = None, recall_queries: int = 1000) -> dict:  # fmt: skip
+def build_indices(
+    embeddings_dir: str | Path,
+    index_dir: str | Path,
+    *,
+    memory_budget_gb: float = 4.0,
+    factory: str | None = None,
+    recall_queries: int = 1000,
+) -> dict:
     """Build image and text indices over every finished shard; returns what index.json holds."""
     import faiss
 
@@ -87,14 +93,23 @@ def build_indices(embeddings_dir: str | Path, index_dir: str | Path, *, memory_b
     table = store.read_table(embeddings_dir, columns=["key", "caption", *store.EMBEDDING_COLUMNS], with_shard=True)
     index_dir = storage.as_path(index_dir)
     storage.make_folder(index_dir)
-    info = {"count": table.num_rows, "dim": manifest["dim"], "encoder_checksum": manifest["encoder"]["checksum"], "indices": {}}
+    info = {
+        "count": table.num_rows,
+        "dim": manifest["dim"],
+        "encoder_checksum": manifest["encoder"]["checksum"],
+        "indices": {},
+    }
     for kind in KINDS:
         vectors = store.arrow_to_vectors(table.column(f"{kind}_embedding"))
         chosen = factory or choose_factory(len(vectors), vectors.shape[1], memory_budget_gb)
         index = build(vectors, chosen)
         with storage.local_target(index_dir / f"{kind}.index") as local:
             faiss.write_index(index, str(local))
-        info["indices"][kind] = {"factory": chosen, "file": f"{kind}.index", "recall_at_10": recall_at_k(index, vectors, 10, recall_queries)}
+        info["indices"][kind] = {
+            "factory": chosen,
+            "file": f"{kind}.index",
+            "recall_at_10": recall_at_k(index, vectors, 10, recall_queries),
+        }
     ids = table.select(["key", "shard", "caption"])
     storage.write_parquet(index_dir / "ids.parquet", ids)
     store.write_json(index_dir / "index.json", info)
@@ -126,7 +141,16 @@ class Searcher:
             raise ValueError(f"query dim {queries.shape[1]} does not match the index dim {self.info['dim']}")
         scores, rows = self.index.search(queries, min(k, len(self.keys)))
         return [
-            [{"rank": r + 1, "key": self.keys[i], "shard": self.shards[i], "caption": self.captions[i], "score": float(s)}
-             for r, (i, s) in enumerate(zip(row, score)) if i >= 0]  # fmt: skip
+            [
+                {
+                    "rank": r + 1,
+                    "key": self.keys[i],
+                    "shard": self.shards[i],
+                    "caption": self.captions[i],
+                    "score": float(s),
+                }
+                for r, (i, s) in enumerate(zip(row, score))
+                if i >= 0
+            ]
             for row, score in zip(rows, scores)
         ]

@@ -31,7 +31,9 @@ def encoder_from_manifest(embeddings_dir: str | Path, **overrides):
     return encoder
 
 
-def query_vector(embeddings_dir, *, query: str | None = None, image: str | None = None, key: str | None = None) -> np.ndarray:
+def query_vector(
+    embeddings_dir, *, query: str | None = None, image: str | None = None, key: str | None = None
+) -> np.ndarray:
     """The (D,) vector of exactly one of: a text, an image file, a stored key (its image embedding)."""
     if sum(x is not None for x in (query, image, key)) != 1:
         raise ValueError("give exactly one of QUERY (text), IMAGE (path) or KEY (a stored sample)")
@@ -55,14 +57,16 @@ def _thumbnail(data: bytes, size: int = 128) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def write_page(path: Path, title: str, rows: list[dict], images: dict[str, bytes], query_image: bytes | None = None) -> Path:
+def write_page(
+    path: Path, title: str, rows: list[dict], images: dict[str, bytes], query_image: bytes | None = None
+) -> Path:
     """One HTML page: the query, then a grid of neighbours with rank, score, key and caption."""
     cards = []
     for row in rows:
         src = _thumbnail(images[row["key"]]) if row["key"] in images else ""
         cards.append(
             f'<figure><img src="{src}" alt="{html.escape(row["key"])}"><figcaption>#{row["rank"]} · {row["score"]:.3f}'
-            f'<br><code>{html.escape(row["key"])}</code><br>{html.escape(row["caption"])}</figcaption></figure>'
+            f"<br><code>{html.escape(row['key'])}</code><br>{html.escape(row['caption'])}</figcaption></figure>"
         )
     head = f'<img src="{_thumbnail(query_image)}" alt="query">' if query_image else ""
     page = (
@@ -88,7 +92,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def knn(layout, *, query=None, image=None, key=None, k: int = 10, kind: str = "image", out_dir="outputs/knn") -> tuple[list[dict], Path]:
+def knn(
+    layout, *, query=None, image=None, key=None, k: int = 10, kind: str = "image", out_dir="outputs/knn"
+) -> tuple[list[dict], Path]:
     """Search `layout`'s index; returns the rows and the HTML page written."""
     vector = query_vector(layout.embeddings, query=query, image=image, key=key)
     rows = Searcher(layout.index, kind).search(vector, k)[0]
@@ -96,6 +102,10 @@ def knn(layout, *, query=None, image=None, key=None, k: int = 10, kind: str = "i
     title = query if query is not None else (f"image {image}" if image is not None else f"key {key}")
     query_image = Path(image).read_bytes() if image is not None else None
     if key is not None:
-        query_image = next(iter(read_images(layout.shards, {key: rows[0]["shard"]}).values()), None) if rows and rows[0]["key"] == key else None
+        query_image = (
+            next(iter(read_images(layout.shards, {key: rows[0]["shard"]}).values()), None)
+            if rows and rows[0]["key"] == key
+            else None
+        )
     page = write_page(Path(out_dir) / f"{slug(title)}.html", f"{title} → {kind} index", rows, images, query_image)
     return rows, page

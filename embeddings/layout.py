@@ -1,11 +1,11 @@
 """Where a data set's files live: one home for the folder names of the contract.
 
-    data/<name>/urls.parquet       URL list (url, caption, split, passthrough columns)
-    data/<name>/source/            files served by the local HTTP server (synthetic source)
-    data/<name>/shards/            webdataset tars NNNNN.tar + img2dataset's NNNNN.parquet, NNNNN_stats.json
-    data/<name>/download.json      summary of the download job
-    data/<name>/embeddings/        NNNNN.parquet per tar + _manifest.json
-    data/<name>/index/             faiss indices, ids, index.json
+data/<name>/urls.parquet       URL list (url, caption, split, passthrough columns)
+data/<name>/source/            files served by the local HTTP server (synthetic source)
+data/<name>/shards/            webdataset tars NNNNN.tar + img2dataset's NNNNN.parquet, NNNNN_stats.json
+data/<name>/download.json      summary of the download job
+data/<name>/embeddings/        NNNNN.parquet per tar + _manifest.json
+data/<name>/index/             faiss indices, ids, index.json
 """
 
 from __future__ import annotations

@@ -63,14 +63,19 @@ def write_shard(folder, name: str, table: pa.Table, record: dict) -> None:
 
 def done_shards(folder) -> dict[str, dict]:
     """Records of the finished shards, by shard name."""
-    return {p.name.removesuffix(RECORD_SUFFIX): json.loads(p.read_text()) for p in storage.listing(folder, f"*{RECORD_SUFFIX}")}
+    return {
+        p.name.removesuffix(RECORD_SUFFIX): json.loads(p.read_text())
+        for p in storage.listing(folder, f"*{RECORD_SUFFIX}")
+    }
 
 
 def shard_paths(folder) -> list:
     """The finished embedding shards of a folder (paths or URIs), in name order; only lists the
     records, without reading them (one request per shard saved on object storage)."""
     folder = storage.as_path(folder)
-    return [folder / f"{p.name.removesuffix(RECORD_SUFFIX)}.parquet" for p in storage.listing(folder, f"*{RECORD_SUFFIX}")]
+    return [
+        folder / f"{p.name.removesuffix(RECORD_SUFFIX)}.parquet" for p in storage.listing(folder, f"*{RECORD_SUFFIX}")
+    ]
 
 
 def write_manifest(folder, encoder: dict, dtype: str, records: dict[str, dict], complete: bool = True) -> dict:

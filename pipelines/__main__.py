@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="shard a local folder of images with caption files")
     p.add_argument("--folder", required=True, help="folder of image files, each with <stem>.txt beside it")
     p.add_argument("--name", help="data set name (default: the folder's name)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="download option, e.g. image_size=128")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="download option, e.g. image_size=128"
+    )
     return parser
 
 
@@ -75,19 +77,24 @@ def _run(args) -> None:
         print(f"shards: {layout.shards}/   summary: {layout.download_summary}")
     elif args.job == "embed":
         manifest = jobs.run_embed(config)
-        print(f"embedded {manifest['rows']} samples in {manifest['shards']} shards, skipped {manifest['skipped']}; "
-              f"dim {manifest['dim']}, {manifest['dtype']}, computed in {manifest['encoder']['compute_dtype']}")  # fmt: skip
+        print(
+            f"embedded {manifest['rows']} samples in {manifest['shards']} shards, skipped {manifest['skipped']}; "
+            f"dim {manifest['dim']}, {manifest['dtype']}, computed in {manifest['encoder']['compute_dtype']}"
+        )
         print(f"embeddings: {layout.embeddings}/   manifest: {layout.embeddings / '_manifest.json'}")
     elif args.job == "index":
         info = jobs.run_index(config)
         for kind, entry in info["indices"].items():
-            print(f"{kind:>5}: {entry['factory']:<16} {info['count']} vectors, recall@10 vs exact {entry['recall_at_10']:.3f}")
+            print(
+                f"{kind:>5}: {entry['factory']:<16} {info['count']} vectors, recall@10 vs exact {entry['recall_at_10']:.3f}"
+            )
         print(f"index: {layout.index}/   summary: {layout.index / 'index.json'}")
     elif args.job == "knn":
         from embeddings.knn import format_table, knn
 
-        rows, page = knn(layout, query=args.query, image=args.image, key=args.key, k=args.k, kind=args.kind,
-                          out_dir=args.out_dir)  # fmt: skip
+        rows, page = knn(
+            layout, query=args.query, image=args.image, key=args.key, k=args.k, kind=args.kind, out_dir=args.out_dir
+        )
         print(format_table(rows))
         print(f"page: {page}")
     elif args.job == "export-clip-retrieval":

@@ -49,7 +49,9 @@ def export_clip_retrieval(embeddings_dir: str | Path, output_dir: str | Path) ->
         n = int(store.shard_name(path))
         table = storage.read_parquet(path)
         for column, (folder, prefix) in SUBFOLDERS.items():
-            _save_npy(output_dir / folder / f"{prefix}_{n}.npy", store.arrow_to_vectors(table.column(column), numpy_dtype))
+            _save_npy(
+                output_dir / folder / f"{prefix}_{n}.npy", store.arrow_to_vectors(table.column(column), numpy_dtype)
+            )
         metadata = table.drop_columns(list(SUBFOLDERS))
         storage.write_parquet(output_dir / "metadata" / f"metadata_{n}.parquet", metadata)
         rows += table.num_rows
@@ -61,8 +63,9 @@ def _numbered(folder, prefix: str, suffix: str) -> dict[int, Path]:
     return {int(m.group(1)): p for p in storage.listing(folder, f"{prefix}_*{suffix}") if (m := pattern.match(p.name))}
 
 
-def import_clip_retrieval(source_dir: str | Path, output_dir: str | Path, *, encoder: dict | None = None,
-                          dtype: str = "float16") -> dict:  # fmt: skip
+def import_clip_retrieval(
+    source_dir: str | Path, output_dir: str | Path, *, encoder: dict | None = None, dtype: str = "float16"
+) -> dict:
     """Turn a clip-retrieval folder into embedding shards + manifest; returns the manifest.
 
     `encoder` describes the CLIP that made the embeddings (model, checksum); give the same CLIP
@@ -76,14 +79,18 @@ def import_clip_retrieval(source_dir: str | Path, output_dir: str | Path, *, enc
         raise ConfigError(f"{source_dir}: no img_emb/img_emb_N.npy files (not a clip-retrieval folder?)")
     missing = sorted(set(images) - set(texts)) or sorted(set(images) - set(metadata))
     if missing:
-        raise ConfigError(f"{source_dir}: part {missing[0]} has img_emb but no text_emb or metadata; the prior needs both")
+        raise ConfigError(
+            f"{source_dir}: part {missing[0]} has img_emb but no text_emb or metadata; the prior needs both"
+        )
     records, dim = {}, None
     for n in tqdm(sorted(images), desc="import", unit="shard"):
         z_i = _load_npy(images[n]).astype(np.float32)
         z_t = _load_npy(texts[n]).astype(np.float32)
         meta = storage.read_parquet(metadata[n])
         if not (len(z_i) == len(z_t) == meta.num_rows):
-            raise ConfigError(f"{source_dir}: part {n} has {len(z_i)} image, {len(z_t)} text and {meta.num_rows} metadata rows")
+            raise ConfigError(
+                f"{source_dir}: part {n} has {len(z_i)} image, {len(z_t)} text and {meta.num_rows} metadata rows"
+            )
         dim = z_i.shape[1]
         if "key" not in meta.column_names:
             warnings.warn(f"metadata_{n}.parquet has no key column: keys made from the position", stacklevel=2)
@@ -92,17 +99,25 @@ def import_clip_retrieval(source_dir: str | Path, output_dir: str | Path, *, enc
             raise ConfigError(f"{source_dir}: metadata_{n}.parquet has no caption column")
         z_i /= np.linalg.norm(z_i, axis=1, keepdims=True).clip(1e-12)
         z_t /= np.linalg.norm(z_t, axis=1, keepdims=True).clip(1e-12)
-        table = pa.table({
-            "key": meta.column("key").cast(pa.string()),
-            "caption": meta.column("caption").cast(pa.string()),
-            "image_embedding": store.vectors_to_arrow(z_i, dtype),
-            "text_embedding": store.vectors_to_arrow(z_t, dtype),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "key": meta.column("key").cast(pa.string()),
+                "caption": meta.column("caption").cast(pa.string()),
+                "image_embedding": store.vectors_to_arrow(z_i, dtype),
+                "text_embedding": store.vectors_to_arrow(z_t, dtype),
+            }
+        )
         for name in meta.column_names:
             if name not in table.column_names:
                 table = table.append_column(name, meta.column(name))
         name = f"{n:05d}"
         records[name] = {"shard": name, "rows_written": table.num_rows, "skipped": {}, "imported_from": str(source_dir)}
         store.write_shard(output_dir, name, table, records[name])
-    info = {"model": None, "checksum": f"unknown (imported from {source_dir})", **(encoder or {}), "dim": dim, "normalized": True}
+    info = {
+        "model": None,
+        "checksum": f"unknown (imported from {source_dir})",
+        **(encoder or {}),
+        "dim": dim,
+        "normalized": True,
+    }
     return store.write_manifest(output_dir, info, dtype, records)

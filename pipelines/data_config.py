@@ -37,8 +37,16 @@ from pipelines import embed as embed_job
 from pipelines import synthetic
 
 # Keywords the job sets itself from the data config, so they may not appear in a section.
-_SET_BY_JOB = ("output_dir", "url_list", "samples_per_shard", "summary_path", "serve_root", "shards_dir",
-               "embeddings_dir", "index_dir")
+_SET_BY_JOB = (
+    "output_dir",
+    "url_list",
+    "samples_per_shard",
+    "summary_path",
+    "serve_root",
+    "shards_dir",
+    "embeddings_dir",
+    "index_dir",
+)
 
 
 @dataclass
@@ -93,9 +101,11 @@ def run_data(config: DataConfig) -> dict:
     if config.synthetic is None:
         raise ConfigError(f"data set {config.name!r} has no 'synthetic' section: nothing to render")
     if storage.is_uri(config.layout.root):
-        raise ConfigError(f"make data renders the synthetic source into a local folder that a local server serves; "
-                          f"data_root {config.data_root!r} is a URI: render with a local data_root, then download "
-                          f"with SET=\"data_root={config.data_root} url_list=<local data_root>/{config.name}/urls.parquet\"")
+        raise ConfigError(
+            f"make data renders the synthetic source into a local folder that a local server serves; "
+            f"data_root {config.data_root!r} is a URI: render with a local data_root, then download "
+            f'with SET="data_root={config.data_root} url_list=<local data_root>/{config.name}/urls.parquet"'
+        )
     return synthetic.generate(config.layout.root, samples_per_shard=config.samples_per_shard, **config.synthetic)
 
 

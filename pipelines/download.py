@@ -142,7 +142,7 @@ def download(
     serve_root = Path(serve_root) if serve_root is not None else url_list.parent
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="unclip-download-") as tmp:
-        with (serve_folder(serve_root) if needs_server else contextlib.nullcontext("")) as base_url:
+        with serve_folder(serve_root) if needs_server else contextlib.nullcontext("") as base_url:
             if needs_server:
                 resolved = [base_url + u if u and _is_relative(u) else u for u in urls]
                 table = table.set_column(table.column_names.index(url_col), url_col, pa.array(resolved, pa.string()))
@@ -188,7 +188,9 @@ def format_summary(summary: dict) -> str:
     for reason, n in summary["failures_by_reason"].items():
         lines.append(f"  failed  {n:>7}  {reason}")
     for split, counts in summary["by_split"].items():
-        lines.append(f"  split {split:<8} successes {counts.get('successes', 0):>7}  failures {counts.get('failures', 0):>5}")
+        lines.append(
+            f"  split {split:<8} successes {counts.get('successes', 0):>7}  failures {counts.get('failures', 0):>5}"
+        )
     if summary.get("urls_per_second_this_run"):
         lines.append(f"speed: {summary['urls_per_second_this_run']} URLs/s over {summary['seconds_this_run']} s")
     return "\n".join(lines)

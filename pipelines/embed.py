@@ -59,7 +59,9 @@ def _node_id() -> str | None:
 class ShardEmbedder:
     """Embeds whole shards with one loaded encoder; the body of each Ray actor."""
 
-    def __init__(self, spec: dict, output_dir: str, dtype: str = "float16", batch_size: int = 256, decode_threads: int = 4):
+    def __init__(
+        self, spec: dict, output_dir: str, dtype: str = "float16", batch_size: int = 256, decode_threads: int = 4
+    ):
         import torch
 
         if not torch.cuda.is_available():
@@ -120,8 +122,13 @@ class ShardEmbedder:
             if name not in table.column_names:
                 table = table.append_column(name, extra.column(name))
         name = store.shard_name(tar_path)
-        record = {"shard": name, "rows_written": len(keys), "skipped": dict(skipped), "seconds": round(time.time() - start, 2),
-                  "node": _node_id()}
+        record = {
+            "shard": name,
+            "rows_written": len(keys),
+            "skipped": dict(skipped),
+            "seconds": round(time.time() - start, 2),
+            "node": _node_id(),
+        }
         store.write_shard(self.output_dir, name, table, record)
         return record
 
@@ -151,8 +158,13 @@ def start_actors(cls: type, args: tuple, num_actors: int | None, cpus_per_actor:
             placements.append((cpus, 0, NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)))
     actors = []
     for cpus, n_gpus, strategy in placements:
-        options = dict(num_cpus=cpus, num_gpus=n_gpus, scheduling_strategy=strategy, max_restarts=0,
-                       runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(cpus))}})  # fmt: skip
+        options = dict(
+            num_cpus=cpus,
+            num_gpus=n_gpus,
+            scheduling_strategy=strategy,
+            max_restarts=0,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(cpus))}},
+        )
         actors.append(ray.remote(cls).options(**options).remote(*args))
     return actors
 
@@ -183,13 +195,18 @@ def run_shards(actors: list, tars: list):
             actor, tar = idle.pop(), queue.pop(0)
             running[actor.process.remote(str(tar))] = (actor, tar)
         if not running:
-            raise RuntimeError(f"every embedding actor was lost; {len(queue)} shards left: run the job again to finish them")
+            raise RuntimeError(
+                f"every embedding actor was lost; {len(queue)} shards left: run the job again to finish them"
+            )
         [ready], _ = ray.wait(list(running), num_returns=1)
         actor, tar = running.pop(ready)
         try:
             record = ray.get(ready)
         except ray.exceptions.RayActorError as err:
-            print(f"[embed] lost the actor embedding {tar.name} ({type(err).__name__}); the shard goes to another actor", flush=True)
+            print(
+                f"[embed] lost the actor embedding {tar.name} ({type(err).__name__}); the shard goes to another actor",
+                flush=True,
+            )
             queue.insert(0, tar)
             continue
         idle.append(actor)
@@ -228,17 +245,26 @@ def embed(
     if not todo and (output_dir / store.MANIFEST).exists():  # nothing to embed: no Ray, just the check
         manifest = store.read_manifest(output_dir)
         store.check_compatible(manifest, load_encoder(spec).info)
-        return store.write_manifest(output_dir, manifest["encoder"], manifest["dtype"], dict(sorted(done.items())), complete=True)
+        return store.write_manifest(
+            output_dir, manifest["encoder"], manifest["dtype"], dict(sorted(done.items())), complete=True
+        )
 
     with ray_session():
-        actors = start_actors(ShardEmbedder, (spec, str(output_dir), dtype, batch_size, decode_threads), num_actors,
-                              cpus_per_actor, len(todo))  # fmt: skip
+        actors = start_actors(
+            ShardEmbedder,
+            (spec, str(output_dir), dtype, batch_size, decode_threads),
+            num_actors,
+            cpus_per_actor,
+            len(todo),
+        )
         actors, info = live_actors(actors)
         if (output_dir / store.MANIFEST).exists():
             store.check_compatible(store.read_manifest(output_dir), info)
         # Written first (complete: false) so that a rerun after a kill checks the encoder too.
         store.write_manifest(output_dir, info, dtype, dict(sorted(done.items())), complete=False)
-        with tqdm(total=sum(tar_info(t)[0] for t in todo), unit="sample", desc=f"embed {len(todo)}/{len(tars)} shards") as bar:
+        with tqdm(
+            total=sum(tar_info(t)[0] for t in todo), unit="sample", desc=f"embed {len(todo)}/{len(tars)} shards"
+        ) as bar:
             for record in run_shards(actors, todo):
                 done[record["shard"]] = record
                 bar.update(record["rows_written"] + sum(record["skipped"].values()))

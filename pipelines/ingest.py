@@ -42,6 +42,8 @@ def ingest(folder: str | Path, name: str, *, data_root: str | Path = "data", **d
     table, skipped = list_folder(folder)
     layout.root.mkdir(parents=True, exist_ok=True)
     write_parquet(layout.urls, table)
-    summary = download(layout.urls, layout.shards, serve_root=folder, summary_path=layout.download_summary, **download_options)
+    summary = download(
+        layout.urls, layout.shards, serve_root=folder, summary_path=layout.download_summary, **download_options
+    )
     summary["skipped_without_caption"] = skipped
     return summary

@@ -153,10 +153,19 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     if shape == "cross":
         a = r / 3
         return [
-            (cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a),
-            (cx + r, cy + a), (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r),
-            (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a),
-        ]  # fmt: skip
+            (cx - a, cy - r),
+            (cx + a, cy - r),
+            (cx + a, cy - a),
+            (cx + r, cy - a),
+            (cx + r, cy + a),
+            (cx + a, cy + a),
+            (cx + a, cy + r),
+            (cx - a, cy + r),
+            (cx - a, cy + a),
+            (cx - r, cy + a),
+            (cx - r, cy - a),
+            (cx - a, cy - a),
+        ]
     if shape == "star":
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
@@ -272,7 +281,10 @@ def _name_object(alpha: np.ndarray, colour: str) -> Detection | None:
     expected = {s: _FILL[shape] * (_EXTENT[shape] * f) ** 2 for s, f in SIZES.items()}
     size = min(expected, key=lambda s: abs(np.log(area / expected[s])))
     total = alpha.sum()
-    centre = ((alpha.sum(axis=0) * np.arange(w)).sum() / total / w, (alpha.sum(axis=1) * np.arange(h)).sum() / total / h)
+    centre = (
+        (alpha.sum(axis=0) * np.arange(w)).sum() / total / w,
+        (alpha.sum(axis=1) * np.arange(h)).sum() / total / h,
+    )
     position = min(POSITIONS, key=lambda p: _distance(POSITIONS[p], centre))
     return Detection(colour, shape, size, position, area)
 
@@ -290,7 +302,9 @@ def detect(image, min_area: float = 0.01) -> list[Detection]:
     palette = np.asarray(list(COLOURS.values()), np.float64)  # (C, 3)
     distances = np.linalg.norm(a[:, :, None, :] - palette[None, None], axis=3)  # (H, W, C)
     label = distances.argmin(axis=2)
-    solid = (distances.min(axis=2) < _MIN_COLOUR_DISTANCE) & (np.linalg.norm(a - bg, axis=2) >= _MIN_COLOUR_DISTANCE / 2)
+    solid = (distances.min(axis=2) < _MIN_COLOUR_DISTANCE) & (
+        np.linalg.norm(a - bg, axis=2) >= _MIN_COLOUR_DISTANCE / 2
+    )
     found = []
     for index, colour in enumerate(COLOURS):
         mask = solid & (label == index)

@@ -29,7 +29,18 @@ from pipelines import shapes
 SPLITS = ("val", "heldout", "train")
 BAD_KINDS = ("404", "html", "truncated")
 _HTML_PAGE = b"<!doctype html><html><head><title>Moved</title></head><body>This page has moved.</body></html>\n"
-_COLUMNS = ("background", "n_objects", "shape", "colour", "size", "position", "shape_2", "colour_2", "size_2", "position_2")
+_COLUMNS = (
+    "background",
+    "n_objects",
+    "shape",
+    "colour",
+    "size",
+    "position",
+    "shape_2",
+    "colour_2",
+    "size_2",
+    "position_2",
+)
 
 
 def plan_splits(n_samples: int, samples_per_shard: int, val_samples: int, heldout_samples: int) -> list[str]:
@@ -119,10 +130,20 @@ def generate(
 
     chunk = 250
     jobs = [
-        (s, min(s + chunk, n_samples), splits[s : s + chunk], {i: k for i, k in bad.items() if s <= i < s + chunk},
-         seed, two_object_fraction, image_size, jpeg_quality, str(layout.root), prefix)
+        (
+            s,
+            min(s + chunk, n_samples),
+            splits[s : s + chunk],
+            {i: k for i, k in bad.items() if s <= i < s + chunk},
+            seed,
+            two_object_fraction,
+            image_size,
+            jpeg_quality,
+            str(layout.root),
+            prefix,
+        )
         for s in range(0, n_samples, chunk)
-    ]  # fmt: skip
+    ]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     rows: list[dict] = []
     with tqdm(total=n_samples, desc="render", unit="img") as bar, ProcessPoolExecutor(workers) as pool:

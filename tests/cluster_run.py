@@ -36,8 +36,13 @@ from pipelines.data_config import load_data_config, run_data, run_download, run_
 def node_args(**extra) -> dict:
     """One CPU, a small object store, and free ports for the node's agents: the defaults (e.g. the dashboard
     agent's 52365) are taken by any other Ray on this machine, such as the test session's own."""
-    return dict(num_cpus=1, object_store_memory=80 * 2**20, dashboard_agent_listen_port=free_port(),
-                metrics_export_port=free_port(), **extra)  # fmt: skip
+    return dict(
+        num_cpus=1,
+        object_store_memory=80 * 2**20,
+        dashboard_agent_listen_port=free_port(),
+        metrics_export_port=free_port(),
+        **extra,
+    )
 
 
 def free_port() -> int:
@@ -114,9 +119,16 @@ def main() -> None:
         submit = out / "submit" / base.name
         shutil.copytree(out / "both" / base.name / "shards", submit / "shards")
         # `make submit`, as a user runs it; the job's Python is this one (a cluster's own image has its own).
-        command = ["make", "--no-print-directory", "submit", "JOB=embed", f"RAY_ADDRESS=http://127.0.0.1:{dashboard}",
-                   "CONFIG=configs/data/tiny.yaml", f"SUBMIT_PYTHON={sys.executable}",
-                   f"SET=data_root={out / 'submit'} embed.encoder.model={clip} embed.batch_size=32"]  # fmt: skip
+        command = [
+            "make",
+            "--no-print-directory",
+            "submit",
+            "JOB=embed",
+            f"RAY_ADDRESS=http://127.0.0.1:{dashboard}",
+            "CONFIG=configs/data/tiny.yaml",
+            f"SUBMIT_PYTHON={sys.executable}",
+            f"SET=data_root={out / 'submit'} embed.encoder.model={clip} embed.batch_size=32",
+        ]
         for _ in range(3):  # the job server answers 'No available agent' until the head's agent has registered
             job = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=REPO)
             if "No available agent" not in job.stdout + job.stderr:
@@ -126,8 +138,13 @@ def main() -> None:
 
         # 3. Each job loses a node mid-shard; the survivors finish it.
         synthetic = {**base.synthetic, "n_samples": 1200, "val_samples": 150, "heldout_samples": 150}
-        config = replace(config, data_root=str(out / "lost"), samples_per_shard=150, synthetic=synthetic,
-                         embed={**config.embed, "batch_size": 8, "decode_threads": 1})  # fmt: skip
+        config = replace(
+            config,
+            data_root=str(out / "lost"),
+            samples_per_shard=150,
+            synthetic=synthetic,
+            embed={**config.embed, "batch_size": 8, "decode_threads": 1},
+        )
         run_data(config)
         doomed = cluster.add_node(**node_args())
         watcher = remove_when_busy(cluster, doomed, "ray_download")

@@ -37,9 +37,14 @@ class Record(L.Callback):
     def on_train_end(self, trainer, module):
         stream = trainer.datamodule.train_stream(0)
         weights = sum(float(p.double().abs().sum()) for p in module.net.parameters())
-        report = {"batches": self.batches, "losses": self.losses, "weights": weights,
-                  "batches_per_epoch": stream.batches_per_epoch(), "shards": len(stream.shards),
-                  "shard_sizes": [s.count for s in stream.shards]}  # fmt: skip
+        report = {
+            "batches": self.batches,
+            "losses": self.losses,
+            "weights": weights,
+            "batches_per_epoch": stream.batches_per_epoch(),
+            "shards": len(stream.shards),
+            "shard_sizes": [s.count for s in stream.shards],
+        }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
@@ -50,7 +55,9 @@ def prepare(source: Path, target: Path) -> None:
     train = table.filter(table.column("split").to_numpy(zero_copy_only=False) == "train")
     cuts = [0, 70, 120, train.num_rows]
     for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
-        store.write_shard(target, f"{i:05d}", train.slice(a, b - a), {"shard": f"{i:05d}", "rows_written": b - a, "skipped": {}})
+        store.write_shard(
+            target, f"{i:05d}", train.slice(a, b - a), {"shard": f"{i:05d}", "rows_written": b - a, "skipped": {}}
+        )
     val = table.filter(table.column("split").to_numpy(zero_copy_only=False) == "val")
     store.write_shard(target, "00009", val, {"shard": "00009", "rows_written": val.num_rows, "skipped": {}})
     shutil.copy(source / store.MANIFEST, target / store.MANIFEST)
@@ -62,8 +69,18 @@ def train(out: str, launcher: str = "lightning", **_) -> dict:
     L.seed_everything(0, workers=True)
     module = PriorModule({"dim": 32, "width": 32, "depth": 1, "heads": 2}, max_steps=6, eval_steps=2)
     datamodule = PriorDataModule(str(out / "embeddings"), batch_size=16, num_workers=0)
-    trainer = build_trainer(out / "run", max_steps=6, precision="32-true", accelerator="cpu", devices=2, strategy="ddp",
-                            val_every=1000, checkpoint_every=1000, callbacks=[Record(out)], launcher=launcher)  # fmt: skip
+    trainer = build_trainer(
+        out / "run",
+        max_steps=6,
+        precision="32-true",
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        val_every=1000,
+        checkpoint_every=1000,
+        callbacks=[Record(out)],
+        launcher=launcher,
+    )
     trainer.fit(module, datamodule=datamodule)
     return {"step": trainer.global_step}
 
@@ -85,8 +102,18 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        print(ray_train(train, {"out": str(out), "launcher": "ray", "devices": 2, "accelerator": "cpu",
-                                "outputs_root": str(out / "ray")}))  # fmt: skip
+        print(
+            ray_train(
+                train,
+                {
+                    "out": str(out),
+                    "launcher": "ray",
+                    "devices": 2,
+                    "accelerator": "cpu",
+                    "outputs_root": str(out / "ray"),
+                },
+            )
+        )
     finally:
         ray.shutdown()
 

@@ -24,9 +24,16 @@ def _losses(run_dir):
 def tiny_clip_run(tiny_download, tmp_path_factory):
     config, _, _ = tiny_download
     root = tmp_path_factory.mktemp("clip")
-    settings = load_clip_config(REPO / "configs/clip/tiny.yaml", ["max_steps=24", "checkpoint_every=12", "val_every=12"])
-    metrics = train_clip(**settings, data_root=config.data_root, models_root=str(root / "models"),
-                         outputs_root=str(root / "outputs"), precision="32-true")  # fmt: skip
+    settings = load_clip_config(
+        REPO / "configs/clip/tiny.yaml", ["max_steps=24", "checkpoint_every=12", "val_every=12"]
+    )
+    metrics = train_clip(
+        **settings,
+        data_root=config.data_root,
+        models_root=str(root / "models"),
+        outputs_root=str(root / "outputs"),
+        precision="32-true",
+    )
     return config, settings, root, metrics
 
 
@@ -61,6 +68,12 @@ def test_resume_continues_the_step_count_and_the_data_position(tiny_clip_run):
     checkpoints = root / "outputs" / "train-clip-tiny" / "checkpoints"
     mid = torch.load(checkpoints / "step000012.ckpt", weights_only=True, map_location="cpu")
     assert mid["global_step"] == 12 and mid["data_position"]["batches"] >= 1
-    metrics = train_clip(**dict(settings, max_steps=30), data_root=config.data_root, models_root=str(root / "models"),
-                         outputs_root=str(root / "outputs"), precision="32-true", resume=str(checkpoints / "last.ckpt"))  # fmt: skip
+    metrics = train_clip(
+        **dict(settings, max_steps=30),
+        data_root=config.data_root,
+        models_root=str(root / "models"),
+        outputs_root=str(root / "outputs"),
+        precision="32-true",
+        resume=str(checkpoints / "last.ckpt"),
+    )
     assert metrics["step"] == 30

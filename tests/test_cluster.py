@@ -25,8 +25,13 @@ from .conftest import REPO, kill_session, session_processes, vectors_by_key
 def cluster_run(tiny_embed, tiny_clip_dir, tmp_path_factory):
     """Run every cluster phase once: (report, its output folder, its stdout, processes left after it exited)."""
     out = tmp_path_factory.mktemp("cluster")
-    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "cluster_run.py"), str(out), str(tiny_clip_dir)],
-                               cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "cluster_run.py"), str(out), str(tiny_clip_dir)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         output, _ = process.communicate(timeout=900)
         deadline = time.time() + 10  # processes the cluster's shutdown signalled may take a moment to exit

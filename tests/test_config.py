@@ -90,8 +90,9 @@ def test_overrides_parse_nested_values():
 
 def test_cli_prints_the_error_and_exits_2(tmp_path):
     path = _write(tmp_path, {"name": "x", "download": {"bogus": 1}})
-    result = subprocess.run([sys.executable, "-m", "pipelines", "download", "--config", str(path)],
-                            cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines", "download", "--config", str(path)], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "error:" in result.stderr and "unknown key 'bogus'" in result.stderr
 

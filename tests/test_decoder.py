@@ -39,14 +39,31 @@ def trained(tiny_embed, tmp_path_factory):
 
     config, _ = tiny_embed
     root = tmp_path_factory.mktemp("decoder")
-    common = dict(data_root=config.data_root, models_root=str(root / "models"), outputs_root=str(root / "outputs"),
-                  precision="32-true")  # fmt: skip
+    common = dict(
+        data_root=config.data_root,
+        models_root=str(root / "models"),
+        outputs_root=str(root / "outputs"),
+        precision="32-true",
+    )
     train_prior(**dict(load_prior_config(REPO / "configs/prior/tiny.yaml"), **common, val_every=1000))
     records = {}
-    for kind, load, train in (("decoder", load_decoder_config, train_decoder), ("upsampler", load_upsampler_config, train_upsampler)):
+    for kind, load, train in (
+        ("decoder", load_decoder_config, train_decoder),
+        ("upsampler", load_upsampler_config, train_upsampler),
+    ):
         record = RecordBatches()
-        _with_callback(record, lambda: train(**dict(load(REPO / f"configs/decoder/{'tiny' if kind == 'decoder' else 'upsampler-tiny'}.yaml"),
-                                                    **common, max_steps=40, val_every=20, checkpoint_every=20)))  # fmt: skip
+        _with_callback(
+            record,
+            lambda: train(
+                **dict(
+                    load(REPO / f"configs/decoder/{'tiny' if kind == 'decoder' else 'upsampler-tiny'}.yaml"),
+                    **common,
+                    max_steps=40,
+                    val_every=20,
+                    checkpoint_every=20,
+                )
+            ),
+        )
         records[kind] = record
     return root, common, records
 
@@ -101,11 +118,18 @@ def test_loading_an_export_reproduces_the_module(trained, tmp_path):
     trained_module = load_decoder(root / "models" / "tiny" / "decoder")
     module = DecoderModule(**dict(trained_module.hparams))
     module.ema.load_state_dict(trained_module.ema.state_dict())  # net stays as initialised: another network
-    save_export(tmp_path / "decoder", "decoder", module.ema, {"decoder": module.config.to_dict(), "hparams": dict(module.hparams)},
-                {"model": "m", "checksum": "c"})  # fmt: skip
+    save_export(
+        tmp_path / "decoder",
+        "decoder",
+        module.ema,
+        {"decoder": module.config.to_dict(), "hparams": dict(module.hparams)},
+        {"model": "m", "checksum": "c"},
+    )
     loaded = load_decoder(tmp_path / "decoder", clip_checksum="c")
     z = torch.nn.functional.normalize(torch.randn(2, loaded.config.dim), dim=-1)
-    torch.testing.assert_close(loaded.sample(z, [0, 1], steps=4), module.eval().sample(z, [0, 1], steps=4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        loaded.sample(z, [0, 1], steps=4), module.eval().sample(z, [0, 1], steps=4), atol=1e-6, rtol=0
+    )
     assert not torch.allclose(loaded.sample(z, [0, 1], steps=4), module.sample(z, [0, 1], steps=4, net=module.net))
 
 
@@ -132,7 +156,9 @@ def test_key_join_drops_only_the_unmatched(tiny_embed, tmp_path):
 
     datamodule = ImageEmbeddingDataModule(str(shards), str(embeddings), 8)
     original = store.read_table(layout.embeddings, ["key", "image_embedding"])
-    vector_of = dict(zip(original.column("key").to_pylist(), store.arrow_to_vectors(original.column("image_embedding"))))
+    vector_of = dict(
+        zip(original.column("key").to_pylist(), store.arrow_to_vectors(original.column("image_embedding")))
+    )
     seen = []
     for shard in after:
         for row in datamodule.read(shard, 0, shard.count):
@@ -145,7 +171,9 @@ def test_key_join_drops_only_the_unmatched(tiny_embed, tmp_path):
 
 def test_decoder_resumes_mid_epoch_on_the_same_batch(trained, tmp_path):
     _, common, _ = trained
-    settings = dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), **common, val_every=1000, checkpoint_every=3)
+    settings = dict(
+        load_decoder_config(REPO / "configs/decoder/tiny.yaml"), **common, val_every=1000, checkpoint_every=3
+    )
     full = RecordBatches()
     _with_callback(full, lambda: train_decoder(**dict(settings, outputs_root=str(tmp_path / "full"), max_steps=9)))
     cut = RecordBatches(stop_at=6)
@@ -212,17 +240,45 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
 
     root, common, _ = trained
     config, _ = tiny_embed
-    train_decoder(**dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), **common, condition="text",
-                         export="decoder-text", max_steps=6, val_every=1000))  # fmt: skip
-    summary = evaluate(str(REPO / "configs/data/tiny.yaml"), root / "models" / "tiny", tmp_path / "eval", captions=3, per_caption=2,
-                       guidance_scales=(1.0,), steps=3, upsampler_steps=2, data_root=config.data_root)  # fmt: skip
+    train_decoder(
+        **dict(
+            load_decoder_config(REPO / "configs/decoder/tiny.yaml"),
+            **common,
+            condition="text",
+            export="decoder-text",
+            max_steps=6,
+            val_every=1000,
+        )
+    )
+    summary = evaluate(
+        str(REPO / "configs/data/tiny.yaml"),
+        root / "models" / "tiny",
+        tmp_path / "eval",
+        captions=3,
+        per_caption=2,
+        guidance_scales=(1.0,),
+        steps=3,
+        upsampler_steps=2,
+        data_root=config.data_root,
+    )
     cells = {(r["system"], r["guidance"], r["split"]) for r in summary["results"]}
     expected = {(s, g, split) for s in ("unclip", "glide_like") for g in (1.0, 3.0) for split in ("val", "heldout")}
     assert cells == expected | {("unclip_full", 3.0, "val"), ("unclip_full", 3.0, "heldout")}
     for r in summary["results"]:
-        assert 0 <= r["colour_accuracy"] <= 1 and -1 <= r["clip_score"] <= 1 and r["diversity_pixels"] >= 0 and r["images"] == 6
+        assert (
+            0 <= r["colour_accuracy"] <= 1
+            and -1 <= r["clip_score"] <= 1
+            and r["diversity_pixels"] >= 0
+            and r["images"] == 6
+        )
     assert {k: len(v) for k, v in summary["diversity_at_equal_clip_score"].items()} == {"pixels": 4, "clip": 4}
-    for name in ("metrics.json", "table.md", "guidance.png", "samples-heldout-unclip.png", "samples-val-glide_like.png"):
+    for name in (
+        "metrics.json",
+        "table.md",
+        "guidance.png",
+        "samples-heldout-unclip.png",
+        "samples-val-glide_like.png",
+    ):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
 
@@ -244,14 +300,24 @@ def test_decoder_trains_and_exports_on_two_processes(launcher, tiny_embed, tmp_p
     """DDP on two CPU processes, started by Lightning or by Ray Train: every rank reaches the final
     validation (a collective) and rank 0 exports."""
     config, _ = tiny_embed
-    overrides = [f"data_root={config.data_root}", "devices=2", "strategy=ddp", "accelerator=cpu", f"launcher={launcher}",
-                 "max_steps=6", "val_every=3", "checkpoint_every=3", f"models_root={tmp_path / 'models'}",
-                 f"outputs_root={tmp_path / 'outputs'}"]  # fmt: skip
+    overrides = [
+        f"data_root={config.data_root}",
+        "devices=2",
+        "strategy=ddp",
+        "accelerator=cpu",
+        f"launcher={launcher}",
+        "max_steps=6",
+        "val_every=3",
+        "checkpoint_every=3",
+        f"models_root={tmp_path / 'models'}",
+        f"outputs_root={tmp_path / 'outputs'}",
+    ]
     command = [sys.executable, "-m", "training", "decoder", "--config", "configs/decoder/tiny.yaml"]
     command += [arg for o in overrides for arg in ("--set", o)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the session's
-    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         output, _ = process.communicate(timeout=600)
     finally:
@@ -265,10 +331,14 @@ def test_decoder_trains_and_exports_on_two_processes(launcher, tiny_embed, tmp_p
 def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():
     from training.unclip_eval import diversity_at_equal_clip_score
 
-    results = [{"system": "glide_like", "split": "val", "guidance": g, "clip_score": c, "diversity_clip": d}
-               for g, c, d in ((1.0, 0.9, 0.3), (3.0, 0.5, 0.1))]  # fmt: skip
-    results += [{"system": "unclip", "split": "val", "guidance": g, "clip_score": c, "diversity_clip": 0.4}
-                for g, c in ((1.0, 0.7), (3.0, 0.95))]  # fmt: skip
+    results = [
+        {"system": "glide_like", "split": "val", "guidance": g, "clip_score": c, "diversity_clip": d}
+        for g, c, d in ((1.0, 0.9, 0.3), (3.0, 0.5, 0.1))
+    ]
+    results += [
+        {"system": "unclip", "split": "val", "guidance": g, "clip_score": c, "diversity_clip": 0.4}
+        for g, c in ((1.0, 0.7), (3.0, 0.95))
+    ]
     points = diversity_at_equal_clip_score(results, "unclip", "glide_like", "diversity_clip")
     assert points[0]["glide_like"] == pytest.approx(0.2) and points[0]["unclip"] == 0.4
     assert points[1]["glide_like"] is None  # outside the baseline's range of CLIP scores

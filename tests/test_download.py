@@ -83,8 +83,15 @@ def test_csv_url_list_with_absolute_urls(tmp_path, ray_local):
             for i in range(3):
                 writer.writerow([f"{base}{i}.jpg", f"caption {i}", f"x{i}"])
             writer.writerow([f"{base}missing.jpg", "gone", "x9"])
-        summary = download(tmp_path / "list.csv", tmp_path / "shards", url_col="link", caption_col="text",
-                           image_size=32, resize_mode="no", samples_per_shard=10)  # fmt: skip
+        summary = download(
+            tmp_path / "list.csv",
+            tmp_path / "shards",
+            url_col="link",
+            caption_col="text",
+            image_size=32,
+            resize_mode="no",
+            samples_per_shard=10,
+        )
     assert summary["successes"] == 3 and summary["failed"] == 1
     assert sorted(r["extra"] for r in _shard_rows(tmp_path / "shards")) == ["x0", "x1", "x2", "x9"]
 

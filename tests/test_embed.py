@@ -68,8 +68,13 @@ def test_killed_run_resumes_to_the_same_result(tiny_embed, tmp_path):
         "from pipelines.embed import embed; "
         f"embed({str(config.layout.shards)!r}, {str(out)!r}, encoder={{'model': {config.embed['encoder']['model']!r}}}, batch_size=2)"
     )
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not list(out.glob("*_record.json")) and time.time() < deadline:

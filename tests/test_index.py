@@ -67,8 +67,12 @@ def test_clip_retrieval_export_reads_back_with_embedding_reader_and_faiss(tiny_e
     counts = export_clip_retrieval(config.layout.embeddings, out)
     reference = store.read_table(config.layout.embeddings, columns=["key", "image_embedding"])
     ref = dict(zip(reference.column("key").to_pylist(), store.arrow_to_vectors(reference.column("image_embedding"))))
-    reader = EmbeddingReader(str(out / "img_emb"), file_format="parquet_npy", metadata_folder=str(out / "metadata"),
-                             meta_columns=["key", "caption"])  # fmt: skip
+    reader = EmbeddingReader(
+        str(out / "img_emb"),
+        file_format="parquet_npy",
+        metadata_folder=str(out / "metadata"),
+        meta_columns=["key", "caption"],
+    )
     assert reader.count == counts["rows"] == manifest["rows"]
     got = {}
     for vectors, meta in reader(batch_size=10_000, start=0, end=reader.count, show_progress=False):
@@ -89,7 +93,11 @@ def test_clip_retrieval_import_round_trips(tiny_embed, tmp_path):
     a = store.read_table(config.layout.embeddings).sort_by("key")
     b = store.read_table(tmp_path / "emb").sort_by("key")
     assert a.column("key").equals(b.column("key")) and a.column("caption").equals(b.column("caption"))
-    assert np.allclose(store.arrow_to_vectors(a.column("text_embedding")), store.arrow_to_vectors(b.column("text_embedding")), atol=2e-3)
+    assert np.allclose(
+        store.arrow_to_vectors(a.column("text_embedding")),
+        store.arrow_to_vectors(b.column("text_embedding")),
+        atol=2e-3,
+    )
     for path in (tmp_path / "cr" / "metadata").glob("*.parquet"):
         pq.write_table(pq.read_table(path).drop_columns(["key"]), path)
     with pytest.warns(UserWarning, match="no key column"):

@@ -39,9 +39,16 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "NO_PROXY": "127.0.0.1"}  # fmt: skip
-    client = s3fs.S3FileSystem(key="test", secret="test", endpoint_url=env["AWS_ENDPOINT_URL"], use_listings_cache=False)
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "NO_PROXY": "127.0.0.1",
+    }
+    client = s3fs.S3FileSystem(
+        key="test", secret="test", endpoint_url=env["AWS_ENDPOINT_URL"], use_listings_cache=False
+    )
     client.mkdir(BUCKET)
     try:
         yield env, client
@@ -73,7 +80,9 @@ def test_storage_contract_on_object_storage(s3_env):
 
     table = pa.table({"key": ["x", "y", "z"], "n": [1, 2, 3]})
     storage.write_parquet(folder / "t.parquet", table)
-    assert storage.read_parquet(folder / "t.parquet", columns=["key"], filters=[("n", ">", 1)]).column("key").to_pylist() == ["y", "z"]
+    assert storage.read_parquet(folder / "t.parquet", columns=["key"], filters=[("n", ">", 1)]).column(
+        "key"
+    ).to_pylist() == ["y", "z"]
     assert storage.parquet_file(folder / "t.parquet").metadata.num_rows == 3
 
     buffer = io.BytesIO()
@@ -83,7 +92,9 @@ def test_storage_contract_on_object_storage(s3_env):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     storage.write_bytes(folder / "00000.tar", buffer.getvalue())
-    assert [(s["key"], s["caption"], s["image"]) for s in iter_tar_samples(f"{root}/00000.tar")] == [("k1", "a red circle", b"pixels")]
+    assert [(s["key"], s["caption"], s["image"]) for s in iter_tar_samples(f"{root}/00000.tar")] == [
+        ("k1", "a red circle", b"pixels")
+    ]
     assert [t.name for t in finished_tars(root)] == ["00000.tar"]
 
     with storage.local_target(folder / "blob.bin") as local:
@@ -99,8 +110,15 @@ def test_storage_contract_on_object_storage(s3_env):
 def _run(args: list[str], env: dict) -> str:
     """python -m <args> in its own session with `env` added (its own Ray, not the session's); its output."""
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
-    process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=full_env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=full_env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output, _ = process.communicate(timeout=600)
     finally:
@@ -116,28 +134,64 @@ def on_s3(s3, tiny_embed, tiny_clip_dir, tmp_path_factory):
     env, client = s3
     config, _ = tiny_embed
     root, local = f"s3://{BUCKET}/data", tmp_path_factory.mktemp("s3-jobs")
-    data = ["--config", "configs/data/tiny.yaml", "--set", f"data_root={root}",
-            "--set", f"url_list={config.layout.urls}", "--set", f"embed.encoder.model={tiny_clip_dir}",
-            "--set", "embed.batch_size=32"]  # fmt: skip
+    data = [
+        "--config",
+        "configs/data/tiny.yaml",
+        "--set",
+        f"data_root={root}",
+        "--set",
+        f"url_list={config.layout.urls}",
+        "--set",
+        f"embed.encoder.model={tiny_clip_dir}",
+        "--set",
+        "embed.batch_size=32",
+    ]
     out = {"download": _run(["pipelines", "download", *data], env), "embed": _run(["pipelines", "embed", *data], env)}
-    out["records"] = {p: client.info(p)["LastModified"] for p in client.glob(f"{BUCKET}/data/tiny/embeddings/*_record.json")}
+    out["records"] = {
+        p: client.info(p)["LastModified"] for p in client.glob(f"{BUCKET}/data/tiny/embeddings/*_record.json")
+    }
     client.rm([f"{BUCKET}/data/tiny/embeddings/00002.parquet", f"{BUCKET}/data/tiny/embeddings/00002_record.json"])
     out["embed again"] = _run(["pipelines", "embed", *data], env)
     out["index"] = _run(["pipelines", "index", *data], env)
     key = out["key"] = sorted(vectors_by_key(config.layout.embeddings))[0]
     out["knn"] = _run(["pipelines", "knn", *data, "--key", key, "-k", "3", "--out-dir", str(local / "knn")], env)
-    training = ["--set", f"data_root={root}", "--set", f"models_root={local / 'models'}", "--set", f"outputs_root={local / 'outputs'}"]
+    training = [
+        "--set",
+        f"data_root={root}",
+        "--set",
+        f"models_root={local / 'models'}",
+        "--set",
+        f"outputs_root={local / 'outputs'}",
+    ]
     out["prior"] = _run(["training", "prior", "--config", "configs/prior/tiny.yaml", *training], env)
-    out["decoder"] = _run(["training", "decoder", "--config", "configs/decoder/tiny.yaml", *training,
-                           "--set", "max_steps=3", "--set", "val_every=3", "--set", "checkpoint_every=3"], env)  # fmt: skip
+    out["decoder"] = _run(
+        [
+            "training",
+            "decoder",
+            "--config",
+            "configs/decoder/tiny.yaml",
+            *training,
+            "--set",
+            "max_steps=3",
+            "--set",
+            "val_every=3",
+            "--set",
+            "checkpoint_every=3",
+        ],
+        env,
+    )
     return root, out, local
 
 
 def test_download_and_embed_to_s3_equal_the_local_run(on_s3, s3_env, tiny_embed):
     root, out, _ = on_s3
     config, _ = tiny_embed
-    remote = {s["key"]: (s["caption"], s["image"]) for t in finished_tars(f"{root}/tiny/shards") for s in iter_tar_samples(t)}
-    here = {s["key"]: (s["caption"], s["image"]) for t in finished_tars(config.layout.shards) for s in iter_tar_samples(t)}
+    remote = {
+        s["key"]: (s["caption"], s["image"]) for t in finished_tars(f"{root}/tiny/shards") for s in iter_tar_samples(t)
+    }
+    here = {
+        s["key"]: (s["caption"], s["image"]) for t in finished_tars(config.layout.shards) for s in iter_tar_samples(t)
+    }
     assert remote == here and len(remote) > 0
     summary = json.loads(storage.as_path(f"{root}/tiny/download.json").read_text())
     assert summary["successes"] == len(remote) and summary["shards"] == len(finished_tars(config.layout.shards))

@@ -55,7 +55,9 @@ def test_tiny_prior_loss_falls_and_exports(prior_settings):
     settings, root = prior_settings
     metrics, record = _run(settings, root, "full", max_steps=40, val_every=1000)
     assert np.mean(record.losses[-5:]) < np.mean(record.losses[:5])
-    assert metrics["step"] == 40 and {"cosine_predicted", "cosine_text", "r_at_1_predicted", "r_at_10_text"} <= set(metrics)
+    assert metrics["step"] == 40 and {"cosine_predicted", "cosine_text", "r_at_1_predicted", "r_at_10_text"} <= set(
+        metrics
+    )
     config = json.loads((root / "models" / "tiny" / "prior" / "config.json").read_text())
     assert config["clip"]["checksum"] and config["prior"]["dim"] == 32
 
@@ -126,7 +128,13 @@ def two_process_run(embeddings, out, launcher: str) -> list[dict]:
     """tests/ddp_prior_run.py in a subprocess with `launcher`; what each of the two ranks saw."""
     script = REPO / "tests" / "ddp_prior_run.py"
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*(runner if launcher == "torchrun" else [sys.executable]), str(script), str(embeddings), str(out), launcher]
+    command = [
+        *(runner if launcher == "torchrun" else [sys.executable]),
+        str(script),
+        str(embeddings),
+        str(out),
+        launcher,
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -25,7 +25,9 @@ def test_vocabulary_is_as_large_as_promised():
 def test_checker_reads_every_single_object_combination():
     backgrounds = itertools.cycle(shapes.BACKGROUNDS)
     wrong = []
-    for shape, colour, size, position in itertools.product(shapes.SHAPES, shapes.COLOURS, shapes.SIZES, shapes.POSITIONS):
+    for shape, colour, size, position in itertools.product(
+        shapes.SHAPES, shapes.COLOURS, shapes.SIZES, shapes.POSITIONS
+    ):
         background = next(b for b in backgrounds if colour in shapes.colours_allowed_on(b))
         scene = Scene(background, (ShapeObject(shape, colour, size, position),))
         image = _jpeg_roundtrip(shapes.render(scene, 64))

@@ -54,8 +54,17 @@ def test_consumed_by_slot_adds_up():
 
 
 def _batches(workers, skip=0, epoch=0):
-    stream = ShardStream(SHARDS, _read, lambda r: torch.tensor([int(r[0][1:]), r[1]]), batch_size=4, seed=3,
-                         epoch=epoch, shuffle_buffer=16, skip_batches=skip, num_workers=workers)  # fmt: skip
+    stream = ShardStream(
+        SHARDS,
+        _read,
+        lambda r: torch.tensor([int(r[0][1:]), r[1]]),
+        batch_size=4,
+        seed=3,
+        epoch=epoch,
+        shuffle_buffer=16,
+        skip_batches=skip,
+        num_workers=workers,
+    )
     return [b.tolist() for b in DataLoader(stream, batch_size=4, num_workers=workers)]
 
 

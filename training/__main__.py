@@ -29,12 +29,17 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(job, help=f"train {what} on a data set's shards joined with its embeddings, and export it")
         p.add_argument("--config", default=f"configs/decoder/{'small' if job == 'decoder' else 'upsampler-small'}.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    for job, what in (("sample", "text → prior → decoder → upsampler"), ("variations", "decodings of one image's embedding"),
-                      ("interpolate", "slerp between two images' embeddings"),
-                      ("textdiff", "an image's embedding moved along a text difference")):  # fmt: skip
+    for job, what in (
+        ("sample", "text → prior → decoder → upsampler"),
+        ("variations", "decodings of one image's embedding"),
+        ("interpolate", "slerp between two images' embeddings"),
+        ("textdiff", "an image's embedding moved along a text difference"),
+    ):
         p = sub.add_parser(job, help=f"{what}; writes a PNG grid")
         p.add_argument("--models", default="models/synthetic", help="folder holding prior/, decoder/, upsampler/")
-        p.add_argument("--decoder", default="decoder", help="the decoder export to use (decoder-text: the GLIDE-like baseline)")
+        p.add_argument(
+            "--decoder", default="decoder", help="the decoder export to use (decoder-text: the GLIDE-like baseline)"
+        )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--steps", type=int, help="decoder sampling steps (default: the export's)")
         p.add_argument("--guidance", type=float, help="decoder guidance scale (default: the export's)")
@@ -137,7 +142,10 @@ def _generate(args) -> None:
         images, name = model.variations(args.image, n, args.seed, **decode), Path(args.image).stem
     elif args.job == "interpolate":
         n = args.n or 8
-        images, name = model.interpolate(args.a, args.b, n, args.seed, **decode), f"{Path(args.a).stem}-{Path(args.b).stem}"
+        images, name = (
+            model.interpolate(args.a, args.b, n, args.seed, **decode),
+            f"{Path(args.a).stem}-{Path(args.b).stem}",
+        )
     else:
         n = args.n or 6
         images = model.textdiff(args.image, args.from_text, args.to_text, n, seed=args.seed, **decode)
@@ -154,14 +162,27 @@ def _evaluate(args) -> None:
     from training.unclip_eval import evaluate, main_summary, plot_losses
 
     scales = tuple(float(x) for x in args.scales.split(",") if x.strip())
-    summary = evaluate(args.config, args.models, args.out, captions=args.captions, per_caption=args.per_caption,
-                       guidance_scales=scales, steps=args.steps, upsampler_steps=args.upsampler_steps, seed=args.seed)  # fmt: skip
+    summary = evaluate(
+        args.config,
+        args.models,
+        args.out,
+        captions=args.captions,
+        per_caption=args.per_caption,
+        guidance_scales=scales,
+        steps=args.steps,
+        upsampler_steps=args.upsampler_steps,
+        seed=args.seed,
+    )
     name = Path(args.models).name
-    runs = {kind: Path(args.outputs) / f"train-{kind}-{name}" for kind in ("prior", "decoder", "upsampler", "decoder-text")}
+    runs = {
+        kind: Path(args.outputs) / f"train-{kind}-{name}" for kind in ("prior", "decoder", "upsampler", "decoder-text")
+    }
     losses = plot_losses(runs, Path(args.out) / "losses.png")
     print(main_summary(summary))
-    print(f"\nmetrics: {Path(args.out) / 'metrics.json'}  table: {Path(args.out) / 'table.md'}  plots: "
-          f"{Path(args.out) / 'guidance.png'}{'  ' + str(losses) if losses else ''}  grids: {Path(args.out)}/samples-*.png")
+    print(
+        f"\nmetrics: {Path(args.out) / 'metrics.json'}  table: {Path(args.out) / 'table.md'}  plots: "
+        f"{Path(args.out) / 'guidance.png'}{'  ' + str(losses) if losses else ''}  grids: {Path(args.out)}/samples-*.png"
+    )
 
 
 def _sample_prior(args) -> None:
@@ -175,14 +196,18 @@ def _sample_prior(args) -> None:
     from training.prior_job import load_prior_config, sample_prior
 
     config = load_prior_config(args.config)
-    layout = load_data_config(config["data"], [f"data_root={config['data_root']}"] if config.get("data_root") else None).layout
+    layout = load_data_config(
+        config["data"], [f"data_root={config['data_root']}"] if config.get("data_root") else None
+    ).layout
     prompts = list(args.prompt) + (Path(args.prompts).read_text().splitlines() if args.prompts else [])
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
-        raise ValueError("give PROMPT=\"...\" or PROMPTS=file.txt")
+        raise ValueError('give PROMPT="..." or PROMPTS=file.txt')
     name = config.get("name") or layout.root.name
     prior_dir = Path(config.get("models_root", "models")) / name / "prior"
-    z = sample_prior(prompts, prior_dir, layout.embeddings, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
+    z = sample_prior(
+        prompts, prior_dir, layout.embeddings, seed=args.seed, steps=args.steps, guidance_scale=args.guidance
+    )
     searcher = Searcher(layout.index, "image")
     for prompt, hits in zip(prompts, searcher.search(z, args.k)):
         print(f"\n{prompt}")

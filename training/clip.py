@@ -63,13 +63,21 @@ class PixelPipe:
 class ClipModule(StreamingModule):
     """open_clip CLIP + ClipLoss, AdamW with warm-up and cosine decay."""
 
-    def __init__(self, model_cfg: dict, lr: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 150,
-                 max_steps: int = 3000):  # fmt: skip
+    def __init__(
+        self,
+        model_cfg: dict,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 150,
+        max_steps: int = 3000,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model = open_clip.model.CLIP(**model_cfg)
         self.loss = open_clip.ClipLoss()
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
+            context_length=model_cfg["text_cfg"].get("context_length", 77)
+        )
         self.pixels = PixelPipe(model_cfg)
         self._val: list = []
 
@@ -116,10 +124,14 @@ class ClipModule(StreamingModule):
     def configure_optimizers(self):
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         rest = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                       {"params": rest, "weight_decay": 0.0}], lr=self.hparams.lr)  # fmt: skip
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
         hp = self.hparams
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -135,21 +147,39 @@ def _collate_val(batch):
 class ClipDataModule(L.LightningDataModule):
     """Train: the train-split tars, streamed. Val: up to `val_samples` val-split samples, in order."""
 
-    def __init__(self, shards_dir: str, model_cfg: dict, batch_size: int = 128, num_workers: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 2000, val_samples: int = 1500):  # fmt: skip
+    def __init__(
+        self,
+        shards_dir: str,
+        model_cfg: dict,
+        batch_size: int = 128,
+        num_workers: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 2000,
+        val_samples: int = 1500,
+    ):
         super().__init__()
         self.shards_dir, self.batch_size, self.num_workers = shards_dir, batch_size, num_workers
         self.seed, self.shuffle_buffer, self.val_samples = seed, shuffle_buffer, val_samples
         self.pixels = PixelPipe(model_cfg)
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"].get("context_length", 77))
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
+            context_length=model_cfg["text_cfg"].get("context_length", 77)
+        )
 
     def decode(self, sample: dict):
         return self.pixels.to_uint8(sample["image"]), self.tokenizer([sample["caption"]])[0]
 
     def train_stream(self, epoch: int, skip_batches: int = 0) -> ShardStream:
-        return ShardStream(tar_shards(self.shards_dir, "train"), read_tar_range, self.decode, self.batch_size,
-                           seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer,
-                           skip_batches=skip_batches, num_workers=self.num_workers)  # fmt: skip
+        return ShardStream(
+            tar_shards(self.shards_dir, "train"),
+            read_tar_range,
+            self.decode,
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            skip_batches=skip_batches,
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
@@ -168,9 +198,31 @@ class ClipDataModule(L.LightningDataModule):
 
 # ------------------------------------------------------------------ the job
 
-TRAIN_KEYS = ("data", "data_root", "name", "model", "lr", "weight_decay", "warmup_steps", "max_steps", "batch_size", "num_workers",
-              "seed", "shuffle_buffer", "precision", "accelerator", "devices", "num_nodes", "val_every",
-              "checkpoint_every", "log_every", "export_dtype", "resume", "models_root", "outputs_root")  # fmt: skip
+TRAIN_KEYS = (
+    "data",
+    "data_root",
+    "name",
+    "model",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "max_steps",
+    "batch_size",
+    "num_workers",
+    "seed",
+    "shuffle_buffer",
+    "precision",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "val_every",
+    "checkpoint_every",
+    "log_every",
+    "export_dtype",
+    "resume",
+    "models_root",
+    "outputs_root",
+)
 
 
 def load_clip_config(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -179,12 +231,32 @@ def load_clip_config(path: str | Path, overrides: list[str] | None = None) -> di
     return load_job_config(path, overrides, TRAIN_KEYS, ("data", "model"), {"model": model_keys})
 
 
-def train_clip(data: str, model: dict, *, data_root: str | None = None, name: str | None = None, lr: float = 1e-3, weight_decay: float = 0.1,
-               warmup_steps: int = 150, max_steps: int = 3000, batch_size: int = 128, num_workers: int = 1,
-               seed: int = 0, shuffle_buffer: int = 2000, precision: str = "auto", accelerator: str = "auto",
-               devices: int = 1, num_nodes: int = 1, val_every: int = 500, checkpoint_every: int = 500,
-               log_every: int = 25, export_dtype: str = "float32", resume: str | None = "auto", models_root: str = "models",
-               outputs_root: str = "outputs") -> dict:  # fmt: skip
+def train_clip(
+    data: str,
+    model: dict,
+    *,
+    data_root: str | None = None,
+    name: str | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    warmup_steps: int = 150,
+    max_steps: int = 3000,
+    batch_size: int = 128,
+    num_workers: int = 1,
+    seed: int = 0,
+    shuffle_buffer: int = 2000,
+    precision: str = "auto",
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    val_every: int = 500,
+    checkpoint_every: int = 500,
+    log_every: int = 25,
+    export_dtype: str = "float32",
+    resume: str | None = "auto",
+    models_root: str = "models",
+    outputs_root: str = "outputs",
+) -> dict:
     """Train a CLIP on the data set of config `data`, export it to models/<name>/clip/; returns the metrics."""
     from pipelines.data_config import load_data_config
 
@@ -195,8 +267,17 @@ def train_clip(data: str, model: dict, *, data_root: str | None = None, name: st
     L.seed_everything(seed, workers=True)
     module = ClipModule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps)
     datamodule = ClipDataModule(str(data_config.layout.shards), model, batch_size, num_workers, seed, shuffle_buffer)
-    trainer = build_trainer(run_dir, max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
-                            num_nodes=num_nodes, val_every=val_every, checkpoint_every=checkpoint_every, log_every=log_every)  # fmt: skip
+    trainer = build_trainer(
+        run_dir,
+        max_steps=max_steps,
+        precision=precision,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        val_every=val_every,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, resume))
     metrics = {"step": trainer.global_step, **getattr(module, "metrics", {})}
     if trainer.is_global_zero:

@@ -20,12 +20,19 @@ ATTRIBUTES = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES)}
 
 def prompts_for(attribute: str, value: str) -> list[str]:
     """Every template-0 caption whose `attribute` equals `value`."""
-    grid = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES), "size": list(shapes.SIZES),
-            "position": list(shapes.POSITIONS), "background": list(shapes.BACKGROUNDS)}  # fmt: skip
+    grid = {
+        "colour": list(shapes.COLOURS),
+        "shape": list(shapes.SHAPES),
+        "size": list(shapes.SIZES),
+        "position": list(shapes.POSITIONS),
+        "background": list(shapes.BACKGROUNDS),
+    }
     grid[attribute] = [value]
     return [
         shapes.CAPTION_TEMPLATES[0].format(colour=c, shape=s, size=z, where=shapes.where_phrase(p), background=b)
-        for c, s, z, p, b in itertools.product(grid["colour"], grid["shape"], grid["size"], grid["position"], grid["background"])
+        for c, s, z, p, b in itertools.product(
+            grid["colour"], grid["shape"], grid["size"], grid["position"], grid["background"]
+        )
     ]
 
 
@@ -35,7 +42,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def class_embeddings(encode_text: Callable[[list[str]], np.ndarray], attribute: str) -> np.ndarray:
     """(values, D) prompt-ensemble embeddings for one attribute."""
-    return np.stack([_normalise(_normalise(encode_text(prompts_for(attribute, v))).mean(0)) for v in ATTRIBUTES[attribute]])
+    return np.stack(
+        [_normalise(_normalise(encode_text(prompts_for(attribute, v))).mean(0)) for v in ATTRIBUTES[attribute]]
+    )
 
 
 def zero_shot(image_z: np.ndarray, truth: dict[str, list[str]], encode_text: Callable[[list[str]], np.ndarray]) -> dict:

@@ -69,7 +69,9 @@ def read_parquet_range(shard: Shard, start: int, stop: int, columns: list[str] |
     """Rows start..stop-1 of an embedding shard as dicts (embeddings as float32 row vectors)."""
     table = storage.read_parquet(shard.path, columns=columns).slice(start, stop - start)
     names = table.column_names
-    values = [list(store.arrow_to_vectors(table.column(c))) if c in store.EMBEDDING_COLUMNS else table.column(c).to_pylist()
-              for c in names]  # fmt: skip
+    values = [
+        list(store.arrow_to_vectors(table.column(c))) if c in store.EMBEDDING_COLUMNS else table.column(c).to_pylist()
+        for c in names
+    ]
     for row in zip(*values):
         yield dict(zip(names, row))

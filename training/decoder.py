@@ -49,7 +49,9 @@ class ImageDiffusionModule(StreamingModule):
 
     def init_nets(self, net: torch.nn.Module) -> None:
         if self.hparams.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {self.hparams.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+            raise ValueError(
+                f"prediction_type {self.hparams.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}"
+            )
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
         self.schedule = noise_schedule(self.hparams.prediction_type)
@@ -72,7 +74,9 @@ class ImageDiffusionModule(StreamingModule):
         return x_t, t, target
 
     def training_step(self, batch, batch_idx):
-        generator = torch.Generator(self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
+        generator = torch.Generator(self.device).manual_seed(
+            self.hparams.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
+        )
         loss = self.count_batch(self.loss(batch, generator, self.net))
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -100,18 +104,34 @@ class ImageDiffusionModule(StreamingModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class DecoderModule(ImageDiffusionModule):
     """The CLIP-conditioned decoder: z (B, D) → image at the decoder's base resolution."""
 
-    def __init__(self, decoder: dict, condition: str = "image", lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 200, max_steps: int = 2000, ema_decay: float = 0.999, cond_drop_prob: float = 0.1,
-                 text_drop_prob: float = 0.5, text_tokens: str = "none", clip: dict | None = None,
-                 sample_steps: int = 100, sample_eta: float = 1.0, guidance_scale: float = 3.0,
-                 prediction_type: str = "v_prediction", seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        decoder: dict,
+        condition: str = "image",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        max_steps: int = 2000,
+        ema_decay: float = 0.999,
+        cond_drop_prob: float = 0.1,
+        text_drop_prob: float = 0.5,
+        text_tokens: str = "none",
+        clip: dict | None = None,
+        sample_steps: int = 100,
+        sample_eta: float = 1.0,
+        guidance_scale: float = 3.0,
+        prediction_type: str = "v_prediction",
+        seed: int = 0,
+    ):
         """`condition`: 'image' (unCLIP) or 'text' (GLIDE-like baseline); `text_tokens`: 'none' or 'clip'."""
         super().__init__()
         if condition not in CONDITIONS:
@@ -135,8 +155,15 @@ class DecoderModule(ImageDiffusionModule):
         return F.mse_loss(net(x_t, t, z, tokens, mask, drop_z, drop_text), noise)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, seeds: list[int], captions: list[str] | None = None, steps: int | None = None,
-               guidance_scale: float | None = None, net: torch.nn.Module | None = None) -> torch.Tensor:  # fmt: skip
+    def sample(
+        self,
+        z: torch.Tensor,
+        seeds: list[int],
+        captions: list[str] | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        net: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
         """Images (B, 3, s, s) in [-1, 1] for CLIP vectors z (B, D); sample i starts from noise of seeds[i]."""
         net = net or self.ema
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
@@ -157,8 +184,15 @@ class DecoderModule(ImageDiffusionModule):
             return guided(cond, uncond, scale)
 
         noise = seeded_noise(seeds, (3, size, size)).to(self.device)
-        x_0 = ddim_sample(denoise, noise, steps or self.hparams.sample_steps, self.hparams.prediction_type, clip_sample=True,
-                          eta=self.hparams.sample_eta, seeds=seeds)  # fmt: skip
+        x_0 = ddim_sample(
+            denoise,
+            noise,
+            steps or self.hparams.sample_steps,
+            self.hparams.prediction_type,
+            clip_sample=True,
+            eta=self.hparams.sample_eta,
+            seeds=seeds,
+        )
         return x_0.clamp(-1, 1)
 
     def grid(self, batch):
@@ -170,11 +204,23 @@ class DecoderModule(ImageDiffusionModule):
 class UpsamplerModule(ImageDiffusionModule):
     """The 4× upsampler: low-resolution image → image; blur-augmented conditioning, crop training."""
 
-    def __init__(self, upsampler: dict, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
-                 max_steps: int = 2000, ema_decay: float = 0.999, blur_prob: float = 0.5,
-                 blur_sigma: tuple[float, float] = (0.4, 0.8), train_crop: int = 0, sample_steps: int = 25,
-                 sample_eta: float = 1.0, prediction_type: str = "v_prediction", cond_drop_prob: float = 0.1,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        upsampler: dict,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        max_steps: int = 2000,
+        ema_decay: float = 0.999,
+        blur_prob: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.4, 0.8),
+        train_crop: int = 0,
+        sample_steps: int = 25,
+        sample_eta: float = 1.0,
+        prediction_type: str = "v_prediction",
+        cond_drop_prob: float = 0.1,
+        seed: int = 0,
+    ):
         """`train_crop`: side of the random crops trained on (0 = whole images; a multiple of 4)."""
         super().__init__()
         self.save_hyperparameters()
@@ -198,26 +244,45 @@ class UpsamplerModule(ImageDiffusionModule):
         drop_z = torch.rand(b, generator=generator, device=low.device) < hp.cond_drop_prob
         if hp.train_crop and hp.train_crop < self.config.image_size:
             c = hp.train_crop
-            corners = torch.randint(0, self.config.image_size - c + 1, (b, 2), generator=generator, device=low.device).tolist()
+            corners = torch.randint(
+                0, self.config.image_size - c + 1, (b, 2), generator=generator, device=low.device
+            ).tolist()
             high = torch.stack([high[i, :, y : y + c, x : x + c] for i, (y, x) in enumerate(corners)])
             cond = torch.stack([cond[i, :, y : y + c, x : x + c] for i, (y, x) in enumerate(corners)])
         x_t, t, noise = self.noised(high, generator)
         return F.mse_loss(net(x_t, t, cond, z, drop_z), noise)
 
     @torch.no_grad()
-    def sample(self, low: torch.Tensor, seeds: list[int], z: torch.Tensor | None = None, steps: int | None = None,
-               net: torch.nn.Module | None = None) -> torch.Tensor:  # fmt: skip
+    def sample(
+        self,
+        low: torch.Tensor,
+        seeds: list[int],
+        z: torch.Tensor | None = None,
+        steps: int | None = None,
+        net: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] from low-resolution images (B, 3, S/4, S/4) in [-1, 1] and, for an
         upsampler built with dim > 0, their CLIP image embeddings z (B, D) (None: zeroed, as dropped in training)."""
         net = net or self.ema
         low = low.to(self.device).float()
         if self.config.dim:  # no z: the zeroed embedding it learned from the 10% dropped in training
-            z = z.to(self.device).float() if z is not None else torch.zeros(len(low), self.config.dim, device=self.device)
+            z = (
+                z.to(self.device).float()
+                if z is not None
+                else torch.zeros(len(low), self.config.dim, device=self.device)
+            )
         size = low.shape[-1] * self.config.factor
         cond = upsample(low, size)
         noise = seeded_noise(seeds, (3, size, size)).to(self.device)
-        x_0 = ddim_sample(lambda x_t, t: net(x_t, t, cond, z), noise, steps or self.hparams.sample_steps, self.hparams.prediction_type,
-                          clip_sample=True, eta=self.hparams.sample_eta, seeds=seeds)  # fmt: skip
+        x_0 = ddim_sample(
+            lambda x_t, t: net(x_t, t, cond, z),
+            noise,
+            steps or self.hparams.sample_steps,
+            self.hparams.prediction_type,
+            clip_sample=True,
+            eta=self.hparams.sample_eta,
+            seeds=seeds,
+        )
         return x_0.clamp(-1, 1)
 
     def grid(self, batch):

@@ -39,8 +39,10 @@ class JoinReport:
     def __str__(self) -> str:
         text = f"{self.joined} samples joined by key"
         if self.missing_embedding or self.missing_image or self.missing_shards:
-            text += (f"; dropped {self.missing_embedding} images without an embedding, {self.missing_image} embeddings "
-                     f"without an image, {len(self.missing_shards)} tars without an embedding shard")  # fmt: skip
+            text += (
+                f"; dropped {self.missing_embedding} images without an embedding, {self.missing_image} embeddings "
+                f"without an image, {len(self.missing_shards)} tars without an embedding shard"
+            )
         return text
 
 
@@ -55,7 +57,9 @@ def tar_image_keys(tar_path: str | Path) -> list[str]:
     return keys
 
 
-def joined_shards(shards_dir: str | Path, embeddings_dir: str | Path, split: str | None = "train") -> tuple[list[Shard], JoinReport]:
+def joined_shards(
+    shards_dir: str | Path, embeddings_dir: str | Path, split: str | None = "train"
+) -> tuple[list[Shard], JoinReport]:
     """One Shard per tar of `split` whose count is its joined samples, and the join report."""
     embeddings_dir = storage.as_path(embeddings_dir)
     done = {store.shard_name(p) for p in store.shard_paths(embeddings_dir)}
@@ -67,7 +71,9 @@ def joined_shards(shards_dir: str | Path, embeddings_dir: str | Path, split: str
             report.missing_shards.append(name)
             report.missing_embedding += len(image_keys)
             continue
-        embedded = set(storage.read_parquet(embeddings_dir / f"{name}.parquet", columns=["key"]).column("key").to_pylist())
+        embedded = set(
+            storage.read_parquet(embeddings_dir / f"{name}.parquet", columns=["key"]).column("key").to_pylist()
+        )
         joined = sum(k in embedded for k in image_keys)
         report.joined += joined
         report.missing_embedding += len(image_keys) - joined
@@ -75,7 +81,9 @@ def joined_shards(shards_dir: str | Path, embeddings_dir: str | Path, split: str
         if joined:
             shards.append(Shard(tar.path, joined))
     if not shards:
-        raise FileNotFoundError(f"no {split or ''} samples join {shards_dir} with {embeddings_dir}: run `make embed` first")
+        raise FileNotFoundError(
+            f"no {split or ''} samples join {shards_dir} with {embeddings_dir}: run `make embed` first"
+        )
     return shards, report
 
 
@@ -94,20 +102,38 @@ def square_image(data: bytes, size: int) -> np.ndarray:
 def to_image_batch(rows: list[dict]) -> dict:
     """Joined rows → images (B, 3, H, W) in [-1, 1], z_i and z_t (B, D), keys and captions."""
     images = torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return {"image": images,
-            "z_i": torch.from_numpy(np.stack([r["image_embedding"] for r in rows])),
-            "z_t": torch.from_numpy(np.stack([r["text_embedding"] for r in rows])),
-            "key": [r["key"] for r in rows], "caption": [r["caption"] for r in rows]}  # fmt: skip
+    return {
+        "image": images,
+        "z_i": torch.from_numpy(np.stack([r["image_embedding"] for r in rows])),
+        "z_t": torch.from_numpy(np.stack([r["text_embedding"] for r in rows])),
+        "key": [r["key"] for r in rows],
+        "caption": [r["caption"] for r in rows],
+    }
 
 
 class ImageEmbeddingDataModule(L.LightningDataModule):
     """Train: the train split's joined samples, streamed. Val: the first `val_samples` joined val samples."""
 
-    def __init__(self, shards_dir: str, embeddings_dir: str, image_size: int, batch_size: int = 64, num_workers: int = 0,
-                 seed: int = 0, shuffle_buffer: int = 2048, val_samples: int = 256, val_split: str = "val"):  # fmt: skip
+    def __init__(
+        self,
+        shards_dir: str,
+        embeddings_dir: str,
+        image_size: int,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 2048,
+        val_samples: int = 256,
+        val_split: str = "val",
+    ):
         super().__init__()
         self.shards_dir, self.embeddings_dir, self.image_size = shards_dir, storage.as_path(embeddings_dir), image_size
-        self.batch_size, self.num_workers, self.seed, self.shuffle_buffer = batch_size, num_workers, seed, shuffle_buffer
+        self.batch_size, self.num_workers, self.seed, self.shuffle_buffer = (
+            batch_size,
+            num_workers,
+            seed,
+            shuffle_buffer,
+        )
         self.val_samples, self.val_split = val_samples, val_split
         self.reports: dict[str, JoinReport] = {}
         self._shards: dict[str, list[Shard]] = {}
@@ -133,13 +159,27 @@ class ImageEmbeddingDataModule(L.LightningDataModule):
                 return
             if position >= start:
                 i = row_of[sample["key"]]
-                yield {"key": sample["key"], "caption": captions[i], "image": square_image(sample["image"], self.image_size),
-                       "image_embedding": vectors["image_embedding"][i], "text_embedding": vectors["text_embedding"][i]}  # fmt: skip
+                yield {
+                    "key": sample["key"],
+                    "caption": captions[i],
+                    "image": square_image(sample["image"], self.image_size),
+                    "image_embedding": vectors["image_embedding"][i],
+                    "text_embedding": vectors["text_embedding"][i],
+                }
             position += 1
 
     def train_stream(self, epoch: int, skip_batches: int = 0) -> ShardStream:
-        return ShardStream(self.shards("train"), self.read, lambda r: r, self.batch_size, seed=self.seed, epoch=epoch,
-                           shuffle_buffer=self.shuffle_buffer, skip_batches=skip_batches, num_workers=self.num_workers)  # fmt: skip
+        return ShardStream(
+            self.shards("train"),
+            self.read,
+            lambda r: r,
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            skip_batches=skip_batches,
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         stream = self.train_stream(self.trainer.current_epoch, self.trainer.lightning_module.data_skip())

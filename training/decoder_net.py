@@ -66,20 +66,33 @@ class Decoder(nn.Module):
         self.config = c = config
         levels = len(c.channels)
         self.unet = UNet2DConditionModel(
-            sample_size=c.image_size, in_channels=3, out_channels=3, block_out_channels=tuple(c.channels),
-            layers_per_block=c.layers_per_block, norm_num_groups=c.norm_groups,
+            sample_size=c.image_size,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=tuple(c.channels),
+            layers_per_block=c.layers_per_block,
+            norm_num_groups=c.norm_groups,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-            cross_attention_dim=c.context_width, attention_head_dim=c.head_width,
-            class_embed_type="projection", projection_class_embeddings_input_dim=c.dim,
-        )  # fmt: skip
+            cross_attention_dim=c.context_width,
+            attention_head_dim=c.head_width,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=c.dim,
+        )
         self.to_context = nn.Linear(c.dim, c.context_tokens * c.context_width)
         self.in_tokens = nn.Linear(c.text_token_width, c.context_width) if c.text_token_width else None
         self.scale = math.sqrt(c.dim)  # unit vectors → per-dimension variance ~1
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, text_tokens: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, drop_z: torch.Tensor | None = None,
-                drop_text: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        z: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        drop_z: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x_t: (B, 3, H, W); t: (B,); z: (B, D) unit; text_tokens (B, T, W); masks and drops (B,) bool."""
         b = x_t.shape[0]
         z = z * self.scale
@@ -90,7 +103,11 @@ class Decoder(nn.Module):
         if self.in_tokens is not None:
             if text_tokens is None:
                 raise ValueError("this decoder was built with text_token_width > 0: pass text_tokens")
-            token_keep = token_mask if token_mask is not None else torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x_t.device)
+            token_keep = (
+                token_mask
+                if token_mask is not None
+                else torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x_t.device)
+            )
             if drop_text is not None:
                 token_keep = token_keep & ~drop_text[:, None]
             context = torch.cat([context, self.in_tokens(text_tokens)], dim=1)
@@ -108,16 +125,27 @@ class Upsampler(nn.Module):
         self.config = c = config
         levels = len(c.channels)
         self.unet = UNet2DModel(
-            sample_size=c.image_size, in_channels=6, out_channels=3, block_out_channels=tuple(c.channels),
-            layers_per_block=c.layers_per_block, norm_num_groups=c.norm_groups,
-            down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
+            sample_size=c.image_size,
+            in_channels=6,
+            out_channels=3,
+            block_out_channels=tuple(c.channels),
+            layers_per_block=c.layers_per_block,
+            norm_num_groups=c.norm_groups,
+            down_block_types=("DownBlock2D",) * levels,
+            up_block_types=("UpBlock2D",) * levels,
             class_embed_type="identity" if c.dim else None,
-        )  # fmt: skip
+        )
         self.to_time = nn.Linear(c.dim, 4 * c.channels[0]) if c.dim else None  # into the timestep embedding's width
         self.scale = math.sqrt(c.dim) if c.dim else 1.0
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, low: torch.Tensor, z: torch.Tensor | None = None,
-                drop_z: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        low: torch.Tensor,
+        z: torch.Tensor | None = None,
+        drop_z: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         labels = None
         if self.to_time is not None:
             if z is None:

@@ -17,14 +17,24 @@ TRAIN_STEPS = 1000
 
 def noise_schedule(prediction_type: str = "sample") -> DDPMScheduler:
     """The training schedule: 1000 steps, cosine (squaredcos_cap_v2), no clipping of x_0."""
-    return DDPMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2",
-                         prediction_type=prediction_type, clip_sample=False)  # fmt: skip
+    return DDPMScheduler(
+        num_train_timesteps=TRAIN_STEPS,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
 
 
 def sampler(prediction_type: str = "sample", clip_sample: bool = False) -> DDIMScheduler:
     """The few-step sampler matching `noise_schedule` (deterministic DDIM, eta 0); images clip x_0 to [-1, 1]."""
-    return DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
-                         clip_sample=clip_sample, set_alpha_to_one=False, timestep_spacing="trailing")  # fmt: skip
+    return DDIMScheduler(
+        num_train_timesteps=TRAIN_STEPS,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        set_alpha_to_one=False,
+        timestep_spacing="trailing",
+    )
 
 
 def sample_timesteps(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -33,9 +43,15 @@ def sample_timesteps(batch: int, generator: torch.Generator | None = None, devic
 
 
 @torch.no_grad()
-def ddim_sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, steps: int = 64,
-                prediction_type: str = "sample", clip_sample: bool = False, eta: float = 0.0,
-                seeds: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+def ddim_sample(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    steps: int = 64,
+    prediction_type: str = "sample",
+    clip_sample: bool = False,
+    eta: float = 0.0,
+    seeds: list[int] | None = None,
+) -> torch.Tensor:
     """Run DDIM from `noise` (x_T) with `denoise(x_t, t) -> model output`; returns x_0.
 
     eta 0 is deterministic DDIM; eta 1 adds fresh noise at every step (ancestral, DDPM-like), which
@@ -43,13 +59,17 @@ def ddim_sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n
     (seeded from seeds[i]), so a sample does not depend on the batch it was drawn in."""
     scheduler = sampler(prediction_type, clip_sample)
     scheduler.set_timesteps(steps, device=noise.device)
-    generators = [torch.Generator().manual_seed(int(s) * 2 + 1) for s in seeds] if eta > 0 and seeds is not None else None
+    generators = (
+        [torch.Generator().manual_seed(int(s) * 2 + 1) for s in seeds] if eta > 0 and seeds is not None else None
+    )
     x = noise
     for t in scheduler.timesteps:
         timestep = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         variance_noise = None
         if generators is not None:
-            variance_noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device, x.dtype)
+            variance_noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(
+                x.device, x.dtype
+            )
         x = scheduler.step(denoise(x, timestep), t, x, eta=eta, variance_noise=variance_noise).prev_sample
     return x
 

@@ -29,7 +29,9 @@ def save_export(folder: str | Path, kind: str, net: torch.nn.Module, config: dic
     return folder
 
 
-def load_export(folder: str | Path, kind: str, clip_checksum: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_export(
+    folder: str | Path, kind: str, clip_checksum: str | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, state dict) of an export; a CLIP checksum that differs from the recorded one is an error."""
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / f"{kind}.safetensors").is_file():
@@ -37,6 +39,8 @@ def load_export(folder: str | Path, kind: str, clip_checksum: str | None = None)
     config = json.loads((folder / "config.json").read_text())
     recorded = config["clip"].get("checksum")
     if clip_checksum is not None and recorded != clip_checksum:
-        raise ConfigError(f"the {kind} in {folder} was trained against another CLIP (checksum {str(recorded)[:12]}…, "
-                          f"not {clip_checksum[:12]}…): retrain it on embeddings of this CLIP")  # fmt: skip
+        raise ConfigError(
+            f"the {kind} in {folder} was trained against another CLIP (checksum {str(recorded)[:12]}…, "
+            f"not {clip_checksum[:12]}…): retrain it on embeddings of this CLIP"
+        )
     return config, load_file(str(folder / f"{kind}.safetensors"))

@@ -51,14 +51,24 @@ class UnCLIP:
         try:
             encoder = load_encoder(dict(spec, device=device, precision="fp32"))
         except (ConfigError, FileNotFoundError, RuntimeError) as err:
-            raise ConfigError(f"cannot load the CLIP the decoder in {folder / decoder} was trained against ({spec}): {err}") from err
+            raise ConfigError(
+                f"cannot load the CLIP the decoder in {folder / decoder} was trained against ({spec}): {err}"
+            ) from err
         checksum = encoder.checksum
         if clip.get("checksum") and clip["checksum"] != checksum:
-            raise ConfigError(f"the CLIP at {spec.get('model')} (checksum {checksum[:12]}…) is not the one the decoder was "
-                              f"trained against ({clip['checksum'][:12]}…)")  # fmt: skip
+            raise ConfigError(
+                f"the CLIP at {spec.get('model')} (checksum {checksum[:12]}…) is not the one the decoder was "
+                f"trained against ({clip['checksum'][:12]}…)"
+            )
         dec = load_decoder(folder / decoder, checksum).to(device)
-        prior = load_prior(folder / "prior", checksum).to(device) if (folder / "prior" / "config.json").is_file() else None
-        up = load_upsampler(folder / "upsampler").to(device) if (folder / "upsampler" / "config.json").is_file() else None
+        prior = (
+            load_prior(folder / "prior", checksum).to(device) if (folder / "prior" / "config.json").is_file() else None
+        )
+        up = (
+            load_upsampler(folder / "upsampler").to(device)
+            if (folder / "upsampler" / "config.json").is_file()
+            else None
+        )
         return cls(encoder, dec, prior, up)
 
     # -- the two stages ---------------------------------------------------------------------------------
@@ -79,8 +89,16 @@ class UnCLIP:
             arrays.append(np.asarray(decode_image(image)) if isinstance(image, bytes) else np.asarray(image, np.uint8))
         return self.encoder.encode_images(self.encoder.preprocess_on_device(arrays))
 
-    def decode(self, z: torch.Tensor, seeds: list[int], captions: list[str] | None = None, guidance_scale: float | None = None,
-               steps: int | None = None, upsample: bool = True, upsampler_steps: int | None = None) -> np.ndarray:  # fmt: skip
+    def decode(
+        self,
+        z: torch.Tensor,
+        seeds: list[int],
+        captions: list[str] | None = None,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+        upsample: bool = True,
+        upsampler_steps: int | None = None,
+    ) -> np.ndarray:
         """CLIP vectors (N, D) → uint8 images: the decoder, then the upsampler when there is one."""
         images = self.decoder.sample(z, seeds, captions, steps=steps, guidance_scale=guidance_scale)
         if upsample and self.upsampler is not None:
@@ -90,7 +108,9 @@ class UnCLIP:
             images = self.upsampler.sample(images, [s + 7_919 for s in seeds], z_i, steps=upsampler_steps)
         return to_uint8(images)
 
-    def prior_embeddings(self, prompts: list[str], seeds: list[int], prior_guidance: float | None = None) -> torch.Tensor:
+    def prior_embeddings(
+        self, prompts: list[str], seeds: list[int], prior_guidance: float | None = None
+    ) -> torch.Tensor:
         if self.prior is None:
             raise FileNotFoundError("no prior in the model folder: run `make train-prior` first")
         z_t = self.embed_texts(prompts)
@@ -99,7 +119,9 @@ class UnCLIP:
 
     # -- the four uses ----------------------------------------------------------------------------------
 
-    def text_to_image(self, prompts: list[str], n: int = 4, seed: int = 0, prior_guidance: float | None = None, **decode) -> np.ndarray:
+    def text_to_image(
+        self, prompts: list[str], n: int = 4, seed: int = 0, prior_guidance: float | None = None, **decode
+    ) -> np.ndarray:
         """n images per prompt (prompt-major): text → prior → decoder → upsampler.
 
         A decoder conditioned on text (the GLIDE-like baseline) skips the prior."""
@@ -122,8 +144,9 @@ class UnCLIP:
         z = slerp(z_a, z_b, torch.linspace(0, 1, n))
         return self.decode(z, [seed] * n, **decode)
 
-    def textdiff(self, image, from_text: str, to_text: str, n: int = 6, max_theta: float = 0.5, seed: int = 0,
-                 **decode) -> np.ndarray:  # fmt: skip
+    def textdiff(
+        self, image, from_text: str, to_text: str, n: int = 6, max_theta: float = 0.5, seed: int = 0, **decode
+    ) -> np.ndarray:
         """Decodings of the image embedding rotated towards the text diff z_d = norm(z_t(to) − z_t(from)):
         slerp(z_i, z_d, θ) for θ from 0 to max_theta, all from the noise of `seed`."""
         z_i = self.embed_images([image])[0]

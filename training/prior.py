@@ -28,10 +28,22 @@ from training.trainer import StreamingModule, ema_update, warmup_cosine
 class PriorModule(StreamingModule):
     """Diffusion prior training: x_0 prediction, CFG dropout, EMA, periodic evaluation."""
 
-    def __init__(self, prior: dict, lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 200,
-                 max_steps: int = 4000, ema_decay: float = 0.999, cond_drop_prob: float = 0.1,
-                 eval_steps: int = 64, guidance_scale: float = 1.0, candidates: int = 2,
-                 text_tokens: str = "none", clip: dict | None = None, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        prior: dict,
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 200,
+        max_steps: int = 4000,
+        ema_decay: float = 0.999,
+        cond_drop_prob: float = 0.1,
+        eval_steps: int = 64,
+        guidance_scale: float = 1.0,
+        candidates: int = 2,
+        text_tokens: str = "none",
+        clip: dict | None = None,
+        seed: int = 0,
+    ):
         """`text_tokens`: 'none', or 'clip' for per-token encodings from the frozen CLIP `clip` (EncoderSpec fields)."""
         super().__init__()
         self.save_hyperparameters()
@@ -60,7 +72,9 @@ class PriorModule(StreamingModule):
     def training_step(self, batch, batch_idx):
         tokens, mask = self.text_tokens(batch["caption"])
         # Noise, timesteps and dropout from (seed, step, rank): a resumed run draws what it would have.
-        generator = torch.Generator(self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
+        generator = torch.Generator(self.device).manual_seed(
+            self.hparams.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
+        )
         loss = self.count_batch(self.forward_loss(batch["z_i"], batch["z_t"], tokens, mask, generator))
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -69,8 +83,17 @@ class PriorModule(StreamingModule):
         ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
 
     @torch.no_grad()
-    def sample(self, z_t: torch.Tensor, seeds: list[int], tokens=None, mask=None, steps: int | None = None,
-               guidance_scale: float | None = None, candidates: int | None = None, net=None) -> torch.Tensor:  # fmt: skip
+    def sample(
+        self,
+        z_t: torch.Tensor,
+        seeds: list[int],
+        tokens=None,
+        mask=None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        candidates: int | None = None,
+        net=None,
+    ) -> torch.Tensor:
         """Unit image embeddings (B, D) for text embeddings (B, D): best of N candidates by z_t · z_i."""
         net = net or self.ema
         n = candidates or self.hparams.candidates
@@ -79,7 +102,10 @@ class PriorModule(StreamingModule):
         cond = z_t.repeat_interleave(n, 0)
         toks = tokens.repeat_interleave(n, 0) if tokens is not None else None
         msk = mask.repeat_interleave(n, 0) if mask is not None else None
-        keep, drop = torch.zeros(b * n, dtype=torch.bool, device=z_t.device), torch.ones(b * n, dtype=torch.bool, device=z_t.device)
+        keep, drop = (
+            torch.zeros(b * n, dtype=torch.bool, device=z_t.device),
+            torch.ones(b * n, dtype=torch.bool, device=z_t.device),
+        )
 
         def denoise(x_t, t):
             out = net(x_t, t, cond, toks, msk, keep)
@@ -92,7 +118,9 @@ class PriorModule(StreamingModule):
         return candidates_z[torch.arange(b), best]
 
     def validation_step(self, batch, batch_idx):
-        self._val.append({"z_i": batch["z_i"].cpu(), "z_t": batch["z_t"].cpu(), "caption": batch["caption"], "scene": batch["scene"]})
+        self._val.append(
+            {"z_i": batch["z_i"].cpu(), "z_t": batch["z_t"].cpu(), "caption": batch["caption"], "scene": batch["scene"]}
+        )
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
@@ -120,7 +148,9 @@ class PriorModule(StreamingModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -132,7 +162,9 @@ def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scen
     synthetic source's attributes), `r_at_1_distinct_*` also ranks the true image only against images
     of other scenes: two renders of the same caption cannot be told apart by any text-conditioned model."""
     metrics = {"pairs": len(z_i)}
-    same = None if scenes is None else np.asarray(scenes, dtype=object)[:, None] == np.asarray(scenes, dtype=object)[None]
+    same = (
+        None if scenes is None else np.asarray(scenes, dtype=object)[:, None] == np.asarray(scenes, dtype=object)[None]
+    )
     for name, query in (("predicted", predicted), ("text", z_t)):
         query = query / np.linalg.norm(query, axis=1, keepdims=True)
         metrics[f"cosine_{name}"] = float((query * z_i).sum(1).mean())
@@ -146,15 +178,29 @@ def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scen
     return metrics
 
 
-SCENE_COLUMNS = ("background", "n_objects", "shape", "colour", "size", "position", "shape_2", "colour_2", "size_2", "position_2")
+SCENE_COLUMNS = (
+    "background",
+    "n_objects",
+    "shape",
+    "colour",
+    "size",
+    "position",
+    "shape_2",
+    "colour_2",
+    "size_2",
+    "position_2",
+)
 
 
 def to_batch(rows: list[dict]) -> dict:
     """Embedding rows → a batch: z_i and z_t as (B, D) tensors, keys and captions as lists."""
-    return {"z_i": torch.from_numpy(np.stack([r["image_embedding"] for r in rows])),
-            "z_t": torch.from_numpy(np.stack([r["text_embedding"] for r in rows])),
-            "key": [r["key"] for r in rows], "caption": [r["caption"] for r in rows],
-            "scene": [r.get("scene") for r in rows]}  # fmt: skip
+    return {
+        "z_i": torch.from_numpy(np.stack([r["image_embedding"] for r in rows])),
+        "z_t": torch.from_numpy(np.stack([r["text_embedding"] for r in rows])),
+        "key": [r["key"] for r in rows],
+        "caption": [r["caption"] for r in rows],
+        "scene": [r.get("scene") for r in rows],
+    }
 
 
 class PriorDataModule(L.LightningDataModule):
@@ -162,8 +208,16 @@ class PriorDataModule(L.LightningDataModule):
 
     COLUMNS = ["key", "caption", "image_embedding", "text_embedding"]
 
-    def __init__(self, embeddings_dir: str, batch_size: int = 256, num_workers: int = 0, seed: int = 0,
-                 shuffle_buffer: int = 4096, val_pairs: int = 1000, val_split: str = "val"):  # fmt: skip
+    def __init__(
+        self,
+        embeddings_dir: str,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 4096,
+        val_pairs: int = 1000,
+        val_split: str = "val",
+    ):
         super().__init__()
         self.embeddings_dir, self.batch_size, self.num_workers = embeddings_dir, batch_size, num_workers
         self.seed, self.shuffle_buffer, self.val_pairs, self.val_split = seed, shuffle_buffer, val_pairs, val_split
@@ -172,9 +226,17 @@ class PriorDataModule(L.LightningDataModule):
         return read_parquet_range(shard, start, stop, self.COLUMNS)
 
     def train_stream(self, epoch: int, skip_batches: int = 0) -> ShardStream:
-        return ShardStream(embedding_shards(self.embeddings_dir, "train"), self.read, lambda r: r, self.batch_size,
-                           seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer,
-                           skip_batches=skip_batches, num_workers=self.num_workers)  # fmt: skip
+        return ShardStream(
+            embedding_shards(self.embeddings_dir, "train"),
+            self.read,
+            lambda r: r,
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            skip_batches=skip_batches,
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         stream = self.train_stream(self.trainer.current_epoch, self.trainer.lightning_module.data_skip())

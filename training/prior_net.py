@@ -55,25 +55,42 @@ class DiffusionPrior(nn.Module):
         self.query = nn.Parameter(torch.randn(c.width) * 0.02)
         tokens = (c.max_text_tokens if c.text_token_width else 0) + 4
         self.position = nn.Parameter(torch.randn(tokens, c.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(c.width, c.heads, 4 * c.width, c.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)  # fmt: skip
+        layer = nn.TransformerEncoderLayer(
+            c.width, c.heads, 4 * c.width, c.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.transformer = nn.TransformerEncoder(layer, c.depth, norm=nn.LayerNorm(c.width), enable_nested_tensor=False)
         self.out = nn.Linear(c.width, c.dim)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_t: torch.Tensor, text_tokens: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, drop_text: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        z_t: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x_t, z_t: (B, D); t: (B,); text_tokens: (B, T, W); token_mask: (B, T) True = real; drop_text: (B,) bool."""
         b = x_t.shape[0]
         text = self.in_text(z_t)  # (B, width)
         if drop_text is not None:
             text = torch.where(drop_text[:, None], self.null_text.expand_as(text), text)
-        parts = [text, self.time_mlp(timestep_embedding(t, self.config.width)), self.in_noised(x_t), self.query.expand(b, -1)]
+        parts = [
+            text,
+            self.time_mlp(timestep_embedding(t, self.config.width)),
+            self.in_noised(x_t),
+            self.query.expand(b, -1),
+        ]
         sequence = torch.stack(parts, dim=1)  # (B, 4, width)
         if self.in_tokens is not None:
             if text_tokens is None:
                 raise ValueError("this prior was built with text_token_width > 0: pass text_tokens")
             tokens = self.in_tokens(text_tokens)  # (B, T, width)
-            keep = token_mask if token_mask is not None else torch.ones(tokens.shape[:2], dtype=torch.bool, device=x_t.device)
+            keep = (
+                token_mask
+                if token_mask is not None
+                else torch.ones(tokens.shape[:2], dtype=torch.bool, device=x_t.device)
+            )
             if drop_text is not None:
                 keep = keep & ~drop_text[:, None]
             tokens = torch.where(keep[..., None], tokens, self.null_token.expand_as(tokens))

@@ -40,7 +40,9 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def plan_epoch(shards: list[Shard], epoch: int, seed: int, slots: int, batch_size: int) -> list[list[tuple[int, int, int]]]:
+def plan_epoch(
+    shards: list[Shard], epoch: int, seed: int, slots: int, batch_size: int
+) -> list[list[tuple[int, int, int]]]:
     """Per slot, the (shard index, start, stop) ranges it reads this epoch; all slots hold equal counts."""
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
     total = sum(s.count for s in shards)
@@ -92,9 +94,18 @@ class ShardStream(IterableDataset):
     `decode(record)` turns a record into a sample (decoding happens after shuffling and skipping).
     """
 
-    def __init__(self, shards: list[Shard], read: Callable[[Shard, int, int], Iterator[Any]],
-                 decode: Callable[[Any], Any], batch_size: int, seed: int = 0, epoch: int = 0,
-                 shuffle_buffer: int = 1000, skip_batches: int = 0, num_workers: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        shards: list[Shard],
+        read: Callable[[Shard, int, int], Iterator[Any]],
+        decode: Callable[[Any], Any],
+        batch_size: int,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle_buffer: int = 1000,
+        skip_batches: int = 0,
+        num_workers: int = 0,
+    ):
         self.shards, self.read, self.decode = shards, read, decode
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
@@ -126,6 +137,8 @@ class ShardStream(IterableDataset):
         role = (worker + self.skip_batches) % workers
         slot = self.rank * workers + role
         skip = consumed_by_slot(role, workers, self.skip_batches) * self.batch_size
-        records = itertools.chain.from_iterable(self.read(self.shards[i], start, stop) for i, start, stop in self.plan[slot])
+        records = itertools.chain.from_iterable(
+            self.read(self.shards[i], start, stop) for i, start, stop in self.plan[slot]
+        )
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         yield from map(self.decode, itertools.islice(shuffled(records, self.shuffle_buffer, rng), skip, None))

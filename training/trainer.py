@@ -37,10 +37,21 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
     return resume
 
 
-def build_trainer(run_dir: str | Path, *, max_steps: int, precision: str = "auto", accelerator: str = "auto",
-                  devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto", val_every: int = 500,
-                  checkpoint_every: int = 500, log_every: int = 25, callbacks: list | None = None,
-                  launcher: str = "lightning") -> L.Trainer:  # fmt: skip
+def build_trainer(
+    run_dir: str | Path,
+    *,
+    max_steps: int,
+    precision: str = "auto",
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    val_every: int = 500,
+    checkpoint_every: int = 500,
+    log_every: int = 25,
+    callbacks: list | None = None,
+    launcher: str = "lightning",
+) -> L.Trainer:
     """A Trainer that logs CSV and TensorBoard under run_dir, checkpoints every N steps and keeps last.ckpt.
 
     launcher 'ray': this process is a Ray Train worker (training/launch.py); Ray's DDP strategy and
@@ -52,8 +63,14 @@ def build_trainer(run_dir: str | Path, *, max_steps: int, precision: str = "auto
         from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
         strategy, plugins, devices, num_nodes = RayDDPStrategy(), [RayLightningEnvironment()], "auto", 1
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=checkpoint_every,
-                                 save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)  # fmt: skip
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        every_n_train_steps=checkpoint_every,
+        save_last=True,
+        save_top_k=-1,
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+    )
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=max_steps,
@@ -64,7 +81,10 @@ def build_trainer(run_dir: str | Path, *, max_steps: int, precision: str = "auto
         num_nodes=num_nodes,
         strategy=strategy,
         plugins=plugins,
-        logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")],
+        logger=[
+            CSVLogger(run_dir, name="logs", version=""),
+            TensorBoardLogger(run_dir, name="tensorboard", version=""),
+        ],
         callbacks=[checkpoint, LearningRateMonitor("step"), TQDMProgressBar(refresh_rate=10), *(callbacks or [])],
         val_check_interval=val_every,
         check_val_every_n_epoch=None,

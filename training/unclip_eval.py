@@ -35,10 +35,14 @@ ATTRIBUTES = ("colour", "shape", "size", "position")
 def eval_rows(embeddings_dir: str | Path, split: str, n: int, seed: int = 0) -> tuple[list[dict], np.ndarray]:
     """n single-object rows of `split` (a seeded choice), and every real image embedding of that split's
     single-object rows (the Fréchet reference)."""
-    table = store.read_table(embeddings_dir, ["key", "caption", "split", "n_objects", "background", *ATTRIBUTES, "image_embedding"])
+    table = store.read_table(
+        embeddings_dir, ["key", "caption", "split", "n_objects", "background", *ATTRIBUTES, "image_embedding"]
+    )
     rows = [r for r in table.to_pylist() if r["split"] == split and r["n_objects"] == 1]
     if not rows:
-        raise ValueError(f"no single-object {split} rows in {embeddings_dir}: `make eval` needs the synthetic source's attributes")
+        raise ValueError(
+            f"no single-object {split} rows in {embeddings_dir}: `make eval` needs the synthetic source's attributes"
+        )
     chosen = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
     real = np.stack([np.asarray(r["image_embedding"], np.float32) for r in rows])
     return [rows[i] for i in sorted(chosen)], real
@@ -68,8 +72,10 @@ def mean_pairwise(x: np.ndarray, groups: int, metric: str) -> float:
 def score(images: np.ndarray, rows: list[dict], per_caption: int, encoder, real: np.ndarray) -> dict:
     """The metrics of images drawn per_caption at a time for `rows` (caption-major)."""
     truth = [r for r in rows for _ in range(per_caption)]
-    checks = [shapes.attribute_accuracy(image, shapes.ShapeObject(r["shape"], r["colour"], r["size"], r["position"]))
-              for image, r in zip(images, truth)]  # fmt: skip
+    checks = [
+        shapes.attribute_accuracy(image, shapes.ShapeObject(r["shape"], r["colour"], r["size"], r["position"]))
+        for image, r in zip(images, truth)
+    ]
     z_img = encoder.encode_images(encoder.preprocess_on_device(list(images))).numpy()
     z_txt = encoder.encode_texts([r["caption"] for r in truth]).numpy()
     metrics = {f"{a}_accuracy": float(np.mean([c[a] for c in checks])) for a in ATTRIBUTES}
@@ -82,7 +88,9 @@ def score(images: np.ndarray, rows: list[dict], per_caption: int, encoder, real:
     return metrics
 
 
-def diversity_at_equal_clip_score(results: list[dict], system: str, baseline: str, metric: str = "diversity_pixels") -> list[dict]:
+def diversity_at_equal_clip_score(
+    results: list[dict], system: str, baseline: str, metric: str = "diversity_pixels"
+) -> list[dict]:
     """For each of `system`'s points, the baseline's diversity interpolated at the same CLIP score
     (along the baseline's guidance curve), where that score lies within the baseline's range."""
     out = []
@@ -91,14 +99,32 @@ def diversity_at_equal_clip_score(results: list[dict], system: str, baseline: st
         for r in (r for r in results if r["system"] == system and r["split"] == split):
             xs, ys = [b[0] for b in base], [b[1] for b in base]
             inside = bool(base) and xs[0] <= r["clip_score"] <= xs[-1]
-            out.append({"split": split, "guidance": r["guidance"], "clip_score": r["clip_score"], system: r[metric],
-                        baseline: float(np.interp(r["clip_score"], xs, ys)) if inside else None})  # fmt: skip
+            out.append(
+                {
+                    "split": split,
+                    "guidance": r["guidance"],
+                    "clip_score": r["clip_score"],
+                    system: r[metric],
+                    baseline: float(np.interp(r["clip_score"], xs, ys)) if inside else None,
+                }
+            )
     return out
 
 
-def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | Path = "outputs/eval", *, captions: int = 8,
-             per_caption: int = 4, guidance_scales: tuple[float, ...] = (1.0, 1.5, 3.0), steps: int = 40,
-             upsampler_steps: int = 8, baseline: str = "decoder-text", seed: int = 0, data_root: str | None = None) -> dict:  # fmt: skip
+def evaluate(
+    data: str,
+    models: str | Path = "models/synthetic",
+    out_dir: str | Path = "outputs/eval",
+    *,
+    captions: int = 8,
+    per_caption: int = 4,
+    guidance_scales: tuple[float, ...] = (1.0, 1.5, 3.0),
+    steps: int = 40,
+    upsampler_steps: int = 8,
+    baseline: str = "decoder-text",
+    seed: int = 0,
+    data_root: str | None = None,
+) -> dict:
     """Run the comparison; writes metrics.json, table.md, guidance.png, captions.txt and sample grids to out_dir."""
     from tqdm import tqdm
 
@@ -113,10 +139,13 @@ def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | 
     # (the baseline has no image embedding to give it). The whole unCLIP chain is measured beside it.
     systems = {"unclip": UnCLIP(full.encoder, full.decoder, full.prior, full.upsampler, upsampler_embedding=False)}
     if (Path(models) / baseline / "config.json").is_file():
-        systems["glide_like"] = UnCLIP(full.encoder, load_decoder(Path(models) / baseline, full.encoder.checksum), None,
-                                       full.upsampler)  # fmt: skip
+        systems["glide_like"] = UnCLIP(
+            full.encoder, load_decoder(Path(models) / baseline, full.encoder.checksum), None, full.upsampler
+        )
     else:
-        print(f"no baseline decoder in {Path(models) / baseline}: run `make train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml`")
+        print(
+            f"no baseline decoder in {Path(models) / baseline}: run `make train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml`"
+        )
     sets = {split: eval_rows(layout.embeddings, split, captions, seed) for split in ("val", "heldout")}
     default_scale = float(full.decoder.hparams.guidance_scale)
     scales = sorted(set(map(float, guidance_scales)) | {default_scale})
@@ -128,17 +157,33 @@ def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | 
     for system, scale, split in tqdm(jobs, desc="eval", unit="cell"):
         rows, real = sets[split]
         prompts = [r["caption"] for r in rows]
-        images = systems[system].text_to_image(prompts, per_caption, seed, guidance_scale=scale, steps=steps,
-                                               upsampler_steps=upsampler_steps)  # fmt: skip
-        results.append({"system": system, "guidance": scale, "split": split, **score(images, rows, per_caption, full.encoder, real)})
+        images = systems[system].text_to_image(
+            prompts, per_caption, seed, guidance_scale=scale, steps=steps, upsampler_steps=upsampler_steps
+        )
+        results.append(
+            {
+                "system": system,
+                "guidance": scale,
+                "split": split,
+                **score(images, rows, per_caption, full.encoder, real),
+            }
+        )
         if scale == default_scale:
             save_grid(images, out_dir / f"samples-{split}-{system}.png", columns=per_caption * 4)
-    summary = {"data": data, "models": str(models), "captions_per_set": captions, "per_caption": per_caption,
-               "decoder_steps": steps, "upsampler_steps": upsampler_steps, "default_guidance": default_scale,
-               "results": results}  # fmt: skip
+    summary = {
+        "data": data,
+        "models": str(models),
+        "captions_per_set": captions,
+        "per_caption": per_caption,
+        "decoder_steps": steps,
+        "upsampler_steps": upsampler_steps,
+        "default_guidance": default_scale,
+        "results": results,
+    }
     if "glide_like" in systems:
         summary["diversity_at_equal_clip_score"] = {
-            name: diversity_at_equal_clip_score(results, "unclip", "glide_like", f"diversity_{name}") for name in ("pixels", "clip")
+            name: diversity_at_equal_clip_score(results, "unclip", "glide_like", f"diversity_{name}")
+            for name in ("pixels", "clip")
         }
     out_dir.mkdir(parents=True, exist_ok=True)
     store.write_json(out_dir / "metrics.json", summary)
@@ -151,9 +196,19 @@ def evaluate(data: str, models: str | Path = "models/synthetic", out_dir: str | 
 
 def markdown_table(results: list[dict]) -> str:
     """One row per (set, system, guidance scale)."""
-    columns = ("colour_accuracy", "shape_accuracy", "position_accuracy", "clip_score", "frechet_clip", "diversity_pixels", "diversity_clip")
-    lines = ["| set | system | guidance | colour | shape | position | CLIP score | Fréchet (CLIP) | diversity (px) | diversity (CLIP) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    columns = (
+        "colour_accuracy",
+        "shape_accuracy",
+        "position_accuracy",
+        "clip_score",
+        "frechet_clip",
+        "diversity_pixels",
+        "diversity_clip",
+    )
+    lines = [
+        "| set | system | guidance | colour | shape | position | CLIP score | Fréchet (CLIP) | diversity (px) | diversity (CLIP) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (r["split"], r["system"], r["guidance"])):
         values = [f"{r[c]:.1%}" if c.endswith("accuracy") else f"{r[c]:.3f}" for c in columns]
         lines.append(f"| {r['split']} | {r['system']} | {r['guidance']:g} | " + " | ".join(values) + " |")
@@ -167,17 +222,28 @@ def plot_guidance(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("colour_accuracy", "colour accuracy"), ("shape_accuracy", "shape accuracy"), ("clip_score", "CLIP score"),
-              ("diversity_pixels", "diversity (pixel RMS)")]  # fmt: skip
+    panels = [
+        ("colour_accuracy", "colour accuracy"),
+        ("shape_accuracy", "shape accuracy"),
+        ("clip_score", "CLIP score"),
+        ("diversity_pixels", "diversity (pixel RMS)"),
+    ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.4))
     combos = sorted({(r["system"], r["split"]) for r in results})
     for (system, split), style in zip(combos, itertools.cycle(("-o", "--o", "-s", "--s", "-^", "--^"))):
-        points = sorted((r for r in results if r["system"] == system and r["split"] == split), key=lambda r: r["guidance"])
+        points = sorted(
+            (r for r in results if r["system"] == system and r["split"] == split), key=lambda r: r["guidance"]
+        )
         for ax, (metric, label) in zip(axes, panels):
             ax.plot([p["guidance"] for p in points], [p[metric] for p in points], style, label=f"{system} ({split})")
             ax.set_xlabel("guidance scale")
             ax.set_title(label)
-        axes[-1].plot([p["clip_score"] for p in points], [p["diversity_pixels"] for p in points], style, label=f"{system} ({split})")
+        axes[-1].plot(
+            [p["clip_score"] for p in points],
+            [p["diversity_pixels"] for p in points],
+            style,
+            label=f"{system} ({split})",
+        )
     axes[-1].set_xlabel("CLIP score (fidelity)")
     axes[-1].set_title("diversity against fidelity")
     axes[0].legend(fontsize=7)
@@ -195,7 +261,11 @@ def plot_losses(run_dirs: dict[str, Path], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logs = {name: Path(d) / "logs" / "metrics.csv" for name, d in run_dirs.items() if (Path(d) / "logs" / "metrics.csv").is_file()}
+    logs = {
+        name: Path(d) / "logs" / "metrics.csv"
+        for name, d in run_dirs.items()
+        if (Path(d) / "logs" / "metrics.csv").is_file()
+    }
     if not logs:
         return None
     fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3.2), squeeze=False)
@@ -222,12 +292,16 @@ def main_summary(summary: dict) -> str:
     lines = []
     for r in summary["results"]:
         if r["guidance"] == default:
-            lines.append(f"{r['split']:>8} {r['system']:<11} colour {r['colour_accuracy']:.1%}  shape {r['shape_accuracy']:.1%}  "
-                         f"position {r['position_accuracy']:.1%}  CLIP score {r['clip_score']:.3f}  "
-                         f"diversity {r['diversity_pixels']:.3f}")  # fmt: skip
+            lines.append(
+                f"{r['split']:>8} {r['system']:<11} colour {r['colour_accuracy']:.1%}  shape {r['shape_accuracy']:.1%}  "
+                f"position {r['position_accuracy']:.1%}  CLIP score {r['clip_score']:.3f}  "
+                f"diversity {r['diversity_pixels']:.3f}"
+            )
     for name, points in summary.get("diversity_at_equal_clip_score", {}).items():
         for p in points:
             if p["glide_like"] is not None:
-                lines.append(f"{p['split']:>8} guidance {p['guidance']:g}: diversity ({name}) at CLIP score {p['clip_score']:.3f}: "
-                             f"unclip {p['unclip']:.3f}, glide_like {p['glide_like']:.3f}")  # fmt: skip
+                lines.append(
+                    f"{p['split']:>8} guidance {p['guidance']:g}: diversity ({name}) at CLIP score {p['clip_score']:.3f}: "
+                    f"unclip {p['unclip']:.3f}, glide_like {p['glide_like']:.3f}"
+                )
     return "\n".join(lines)
