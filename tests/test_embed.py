@@ -167,5 +167,9 @@ def test_device_preprocessing_matches_open_clips_transform(tiny_clip_dir):
     reference = torch.stack([encoder.preprocess(image) for image in images])
     on_device = encoder.preprocess_on_device([np.asarray(image) for image in images])
     assert on_device.shape == reference.shape
-    cosine = torch.nn.functional.cosine_similarity(encoder.encode_images(reference), encoder.encode_images(on_device))
-    assert float(cosine.min()) > 0.999
+    # Compared as pixels (0-255, normalisation undone): the same picture up to one grey level of
+    # resampling difference where it is resized (64 and 80 px to 32), identical where it is not (32 px).
+    std = torch.tensor(encoder.preprocess.transforms[-1].std).view(1, 3, 1, 1)
+    levels = ((on_device - reference) * std * 255).abs()
+    assert float(levels.max()) < 1.5 and float(levels.mean()) < 0.1
+    assert float(levels[3].max()) < 1e-3
