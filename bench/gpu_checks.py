@@ -113,6 +113,7 @@ def embed_checks(work: Path, n: int = 4096, batch: int = 256) -> dict:
 
 
 def prior_check(batch: int = 512, steps: int = 20) -> dict:
+    from training.conditioning import Caption, drop_caption
     from training.prior_net import DiffusionPrior, PriorConfig
 
     torch.manual_seed(0)
@@ -122,6 +123,7 @@ def prior_check(batch: int = 512, steps: int = 20) -> dict:
     z_i = F.normalize(torch.randn(batch, 768, device="cuda"), dim=-1) * 768**0.5
     z_t = F.normalize(torch.randn(batch, 768, device="cuda"), dim=-1)
     tokens = torch.randn(batch, 77, 768, device="cuda")
+    empty = Caption(torch.zeros(1, 768, device="cuda"), torch.zeros(1, 77, 768, device="cuda"))  # stands in for ""
     alphas = torch.cos((torch.arange(1000, device="cuda") / 1000 + 0.008) / 1.008 * torch.pi / 2) ** 2
 
     def step():
@@ -129,7 +131,8 @@ def prior_check(batch: int = 512, steps: int = 20) -> dict:
         a = alphas[t][:, None]
         x_t = a.sqrt() * z_i + (1 - a).sqrt() * torch.randn_like(z_i)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.mse_loss(net(x_t, t, z_t, tokens, None, torch.rand(batch, device="cuda") < 0.1).float(), z_i)
+            c = drop_caption(Caption(z_t, tokens), torch.rand(batch, device="cuda") < 0.1, empty)
+            loss = F.mse_loss(net(x_t, t, c.z_t, c.tokens).float(), z_i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -55,6 +55,7 @@ print(json.dumps({"samples_per_s": a["steps"] * a["batch"] / (time.perf_counter(
 
 
 def ours(args, data) -> dict:
+    from training.conditioning import Caption, drop_caption
     from training.diffusion import noise_schedule, sample_timesteps
     from training.prior_net import DiffusionPrior, PriorConfig
 
@@ -72,14 +73,15 @@ def ours(args, data) -> dict:
     )
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
     schedule, scale = noise_schedule("sample"), args.width**0.5
+    empty = Caption(torch.zeros(1, args.width), data["tokens"][:1] * 0)  # stands in for the encoded ""
 
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             x_0 = data["z_i"] * scale
             t = sample_timesteps(args.batch)
             x_t = schedule.add_noise(x_0, torch.randn_like(x_0), t)
-            drop = torch.rand(args.batch) < 0.1
-            loss = F.mse_loss(net(x_t, t, data["z_t"], data["tokens"], None, drop).float(), x_0)
+            c = drop_caption(Caption(data["z_t"], data["tokens"]), torch.rand(args.batch) < 0.1, empty)
+            loss = F.mse_loss(net(x_t, t, c.z_t, c.tokens).float(), x_0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -102,7 +104,7 @@ def read_rates(embeddings_dir: Path) -> dict:
     from pipelines.clip_retrieval import export_clip_retrieval
     from training.prior import PriorDataModule
 
-    stream = PriorDataModule(str(embeddings_dir), batch_size=256).train_stream(0)
+    stream = PriorDataModule(str(embeddings_dir), seed=0, batch_size=256).train_stream(0)
     start = time.perf_counter()
     rows = sum(1 for _ in stream)
     ours_rate = rows / (time.perf_counter() - start)

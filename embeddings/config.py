@@ -103,17 +103,3 @@ def check_storage_paths(config: dict, where: str) -> None:
                 f"{where}: {key} {value!r} is a URI; checkpoints, exported models and logs need a file-system path "
                 "(on a cluster: a shared file system); only data_root may be an object-storage URI"
             )
-
-
-def load_job_config(path: str | Path, overrides: list[str] | None, keys, required=(), sections=None) -> dict[str, Any]:
-    """A training job's YAML plus overrides: only `keys`, every `required` key, and each of
-    `sections` ({name: allowed keys}) checked in turn; errors name the file and the key."""
-    config = merge(load_yaml(path), parse_overrides(overrides))
-    check_keys(config, list(keys), str(path))
-    for key in required:
-        if key not in config:
-            raise ConfigError(f"{path}: missing key {key!r}")
-    for name, allowed in (sections or {}).items():
-        check_keys(config[name], list(allowed), f"{path}: {name}")
-    check_storage_paths(config, str(path))
-    return config

@@ -65,6 +65,22 @@ def check_shard_splits(table: pa.Table, samples_per_shard: int) -> None:
             )
 
 
+def shard_splits(rows: int, samples_per_shard: int, val_fraction: float) -> list[str]:
+    """A split per row for a URL list without one, assigned by shard: shards 0, k, 2k, ... are val with
+    k = round(1 / val_fraction) (at least 2), the rest train. By shard because shards are what trainers
+    select and stream; stable as the list grows, since a shard's split depends on its number alone."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"download.val_fraction {val_fraction}: use a fraction between 0 and 1, e.g. 0.01")
+    shards = -(-rows // samples_per_shard)
+    if shards < 2:
+        raise ConfigError(
+            f"the URL list's {rows} rows fill {shards} shard of {samples_per_shard}: a split by shard needs two or "
+            "more; lower samples_per_shard or give the list a `split` column (train / val)"
+        )
+    every = max(2, round(1 / val_fraction))
+    return ["val" if (row // samples_per_shard) % every == 0 else "train" for row in range(rows)]
+
+
 def _is_relative(url: str) -> bool:
     return "://" not in url
 
@@ -114,13 +130,15 @@ def download(
     timeout: int = 10,
     retries: int = 0,
     encode_quality: int = 95,
+    val_fraction: float = 0.01,
     summary_path: str | Path | None = None,
 ) -> dict:
     """Download `url_list` into webdataset shards under `output_dir`; returns the summary.
 
     Relative URLs are fetched from a server on 127.0.0.1 over `serve_root` (default: the URL list's
     folder). `additional_columns` (default: every column but url and caption) are kept in each
-    sample's json and in the shard parquet. Runs on the Ray named by RAY_ADDRESS, else a local one.
+    sample's json and in the shard parquet, and so is `split`: a list without one gets one by shard
+    (`shard_splits`, about `val_fraction` of the shards val). Runs on the Ray named by RAY_ADDRESS, else a local one.
     """
     import img2dataset
 
@@ -132,6 +150,9 @@ def download(
     missing = [c for c in additional_columns if c not in table.column_names]
     if missing:
         raise ConfigError(f"URL list {url_list}: no column {missing[0]!r} (in additional_columns)")
+    if "split" not in table.column_names:
+        table = table.append_column("split", pa.array(shard_splits(table.num_rows, samples_per_shard, val_fraction)))
+    additional_columns = [*additional_columns, *(["split"] if "split" not in additional_columns else [])]
 
     storage.make_folder(output_dir)
     done_before = len(storage.listing(output_dir, "*_stats.json"))

@@ -5,7 +5,9 @@
 
 Rewrites the train rows of EMBEDDINGS_DIR into three shards of uneven sizes under OUT_DIR (before
 any worker starts), trains one epoch on two CPU processes, and writes what each rank saw (keys of
-each batch, each step's loss, a checksum of the final weights) to OUT_DIR/rank{N}.json.
+each batch, each step's loss, a checksum of the final weights) to OUT_DIR/rank{N}.json; then it
+validates on both ranks and writes each rank's val figures (and rank 0's own one-process figures
+for the same pairs) to OUT_DIR/val{N}.json.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import lightning as L
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embeddings import store  # noqa: E402
-from training.prior import PriorDataModule, PriorModule  # noqa: E402
+from training.prior import PriorDataModule, PriorModule, to_batch  # noqa: E402
+from training.settings import clip_record  # noqa: E402
 from training.trainer import build_trainer  # noqa: E402
 
 
@@ -67,8 +70,10 @@ def train(out: str, launcher: str = "lightning", **_) -> dict:
     """One epoch (6 steps) of the tiny prior on two CPU processes; each rank writes its record."""
     out = Path(out)
     L.seed_everything(0, workers=True)
-    module = PriorModule({"dim": 32, "width": 32, "depth": 1, "heads": 2}, max_steps=6, eval_steps=2)
-    datamodule = PriorDataModule(str(out / "embeddings"), batch_size=16, num_workers=0)
+    clip = clip_record(store.read_manifest(out / "embeddings"))
+    sizes = {"dim": 32, "width": 32, "depth": 1, "heads": 2}
+    module = PriorModule(sizes, clip, max_steps=6, sampling={"steps": 2})
+    datamodule = PriorDataModule(str(out / "embeddings"), seed=0, batch_size=16, num_workers=0)
     trainer = build_trainer(
         out / "run",
         max_steps=6,
@@ -82,6 +87,12 @@ def train(out: str, launcher: str = "lightning", **_) -> dict:
         launcher=launcher,
     )
     trainer.fit(module, datamodule=datamodule)
+    # Validation over both ranks, and (rank 0) the same figures computed in this one process.
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    report = {"distributed": module.metrics}
+    if trainer.is_global_zero:
+        report["one_process"] = module.eval().evaluate(to_batch(datamodule.val_rows()))
+    (out / f"val{trainer.global_rank}.json").write_text(json.dumps(report))
     return {"step": trainer.global_step}
 
 
@@ -109,6 +120,7 @@ def main() -> None:
                     "out": str(out),
                     "launcher": "ray",
                     "devices": 2,
+                    "num_nodes": 1,
                     "accelerator": "cpu",
                     "outputs_root": str(out / "ray"),
                 },

@@ -24,15 +24,10 @@ def _losses(run_dir):
 def tiny_clip_run(tiny_download, tmp_path_factory):
     config, _, _ = tiny_download
     root = tmp_path_factory.mktemp("clip")
-    settings = load_clip_config(
-        REPO / "configs/clip/tiny.yaml", ["max_steps=24", "checkpoint_every=12", "val_every=12"]
-    )
+    settings = load_clip_config(REPO / "configs/clip/tiny.yaml", ["max_steps=24", "checkpoint_every=8", "val_every=12"])
+    common = dict(data_root=config.data_root, precision="32-true")
     metrics = train_clip(
-        **settings,
-        data_root=config.data_root,
-        models_root=str(root / "models"),
-        outputs_root=str(root / "outputs"),
-        precision="32-true",
+        **dict(settings, **common, models_root=str(root / "models"), outputs_root=str(root / "outputs"))
     )
     return config, settings, root, metrics
 
@@ -63,17 +58,26 @@ def test_export_loads_through_the_embed_loader_with_the_same_embeddings(tiny_cli
     assert torch.allclose(encoder.encode_texts(captions), expected_t, atol=1e-5)
 
 
-def test_resume_continues_the_step_count_and_the_data_position(tiny_clip_run):
+def test_resume_from_the_middle_reaches_the_same_weights(tiny_clip_run, tmp_path):
+    """Resumed from its step-8 checkpoint (mid-epoch), a second run reaches step 24 with the weights of the run that
+    was never stopped: the same batches, in the same order, through the same optimizer state."""
     config, settings, root, _ = tiny_clip_run
     checkpoints = root / "outputs" / "train-clip-tiny" / "checkpoints"
-    mid = torch.load(checkpoints / "step000012.ckpt", weights_only=True, map_location="cpu")
-    assert mid["global_step"] == 12 and mid["data_position"]["batches"] >= 1
+    mid = torch.load(checkpoints / "step000008.ckpt", weights_only=True, map_location="cpu")
+    assert mid["global_step"] == 8 and mid["data_position"] == {"epoch": 0, "batches": 8}
     metrics = train_clip(
-        **dict(settings, max_steps=30),
-        data_root=config.data_root,
-        models_root=str(root / "models"),
-        outputs_root=str(root / "outputs"),
-        precision="32-true",
-        resume=str(checkpoints / "last.ckpt"),
+        **dict(
+            settings,
+            data_root=config.data_root,
+            models_root=str(tmp_path / "models"),
+            outputs_root=str(tmp_path / "outputs"),
+            precision="32-true",
+            resume=str(checkpoints / "step000008.ckpt"),
+        )
     )
-    assert metrics["step"] == 30
+    assert metrics["step"] == 24
+    whole = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    resumed = torch.load(tmp_path / "outputs" / "train-clip-tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert whole.keys() == resumed["state_dict"].keys()
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, atol=1e-5, rtol=1e-4, msg=name)

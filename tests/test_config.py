@@ -111,6 +111,16 @@ def test_training_configs_load_and_name_bad_keys(tmp_path):
         load_clip_config(REPO / "configs/clip/shapes.yaml", ["learning_rate=1"])
     with pytest.raises(ConfigError, match="missing key 'model'"):
         load_clip_config(_write(tmp_path, {"data": "x"}))
+    from training.decoder_job import load_decoder_config
+
+    with pytest.raises(ConfigError, match="sampling: unknown key 'stepz'"):
+        load_decoder_config(REPO / "configs/decoder/small.yaml", ["sampling.stepz=3"])
+    with pytest.raises(ConfigError, match="unknown key 'sample_steps'"):
+        load_decoder_config(REPO / "configs/decoder/small.yaml", ["sample_steps=3"])
+    resolved = load_decoder_config(REPO / "configs/decoder/small.yaml", ["sampling.steps=7"])
+    assert (
+        resolved["sampling"] == {"guidance_scale": 1.0, "steps": 7} and resolved["lr"] == 1e-3
+    )  # the module's default
 
 
 def test_storage_roots_a_uri_only_where_it_can_be_one():
@@ -124,3 +134,88 @@ def test_storage_roots_a_uri_only_where_it_can_be_one():
         load_prior_config(REPO / "configs/prior/tiny.yaml", ["outputs_root=gs://b/o"])
     with pytest.raises(ConfigError, match="make data renders the synthetic source into a local folder"):
         run_data(config)
+
+
+def test_a_list_without_splits_gets_val_shards_by_number_stable_as_it_grows():
+    from pipelines.download import shard_splits
+
+    splits = shard_splits(25_000, 100, 0.01)  # 250 shards: 0, 100 and 200 are val
+    val_shards = sorted({i // 100 for i, s in enumerate(splits) if s == "val"})
+    assert val_shards == [0, 100, 200] and splits.count("val") == 300
+    assert shard_splits(12_345, 100, 0.01) == splits[:12_345]  # a shorter list: the same splits for its rows
+    assert shard_splits(5, 2, 0.01) == ["val", "val", "train", "train", "train"]
+    with pytest.raises(ConfigError, match="needs two or more"):
+        shard_splits(10, 10, 0.01)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        shard_splits(100, 10, 0.0)
+
+
+def test_trainers_refuse_shards_without_a_split_and_val_read_from_train(tiny_embed, tmp_path):
+    """Without a split a shard would be both trained on and validated against: refused, by tars and
+    embeddings alike, as is a validation split that is the training split."""
+    import shutil
+
+    from training.data import check_val_split, embedding_shards, tar_shards
+
+    config, _ = tiny_embed
+    shards, embeddings = tmp_path / "shards", tmp_path / "embeddings"
+    shutil.copytree(config.layout.shards, shards)
+    shutil.copytree(config.layout.embeddings, embeddings)
+    train, val = tar_shards(shards, "train"), tar_shards(shards, "val")
+    assert train and val and not {s.path for s in train} & {s.path for s in val}
+    first = sorted(shards.glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(first).drop_columns(["split"]), first)
+    with pytest.raises(ConfigError, match="has no split"):
+        tar_shards(shards, "val")
+    first = sorted(embeddings.glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(first).drop_columns(["split"]), first)
+    with pytest.raises(ConfigError, match="has no split"):
+        embedding_shards(embeddings, "train")
+    with pytest.raises(ConfigError, match="val_split 'train'"):
+        check_val_split("train")
+
+
+def _jobs():
+    from training.clip import CLIP_JOB
+    from training.decoder_job import DECODER_JOB, UPSAMPLER_JOB
+    from training.prior_job import PRIOR_JOB
+
+    return {"clip": CLIP_JOB, "prior": PRIOR_JOB, "decoder": DECODER_JOB, "upsampler": UPSAMPLER_JOB}
+
+
+def _job_of(path) -> str:
+    return "upsampler" if path.name.startswith("upsampler") else path.parent.name
+
+
+def test_a_key_with_two_defaults_is_refused():
+    from training.settings import JobSpec
+
+    def module(lr: float = 1e-3, seed: int = 0): ...
+
+    def data(batch_size: int = 8, seed: int = 0): ...
+
+    with pytest.raises(TypeError, match="'seed' has a default in both module and data"):
+        JobSpec({"module": module, "data": data})
+    spec = JobSpec({"module": module, "data": lambda batch_size=8, *, seed: None})
+    assert spec.split({"lr": 0.5}) == {"module": {"lr": 0.5, "seed": 0}, "data": {"batch_size": 8, "seed": 0}}
+
+
+TRAINING_CONFIGS = sorted(p for job in ("clip", "prior", "decoder") for p in (REPO / "configs" / job).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_training_configs_hold_only_what_differs_from_the_defaults(path):
+    """Each training config loads, and no key (nor any key of its sampling section) repeats its one default.
+    The network sizes are exempt: a named size spells out its shape (STYLE.md 7)."""
+    from dataclasses import MISSING, fields
+
+    spec = _jobs()[_job_of(path)]
+    raw = yaml.safe_load(path.read_text())
+    spec.load(path)
+    repeated = [k for k, v in raw.items() if k in spec.defaults and spec.defaults[k] == v]
+    for name, kind in spec.sections.items():
+        if name == "sampling" and isinstance(raw.get(name), dict):
+            defaults = {f.name: f.default for f in fields(kind) if f.default is not MISSING}
+            defaults.update({f.name: f.default_factory() for f in fields(kind) if f.default_factory is not MISSING})
+            repeated += [f"{name}.{k}" for k, v in raw[name].items() if k in defaults and defaults[k] == v]
+    assert repeated == []

@@ -19,14 +19,8 @@ from PIL import Image
 from embeddings import store
 from embeddings.config import ConfigError
 from training.decoder_data import ImageEmbeddingDataModule, joined_shards, tar_image_keys
-from training.decoder_job import (
-    load_decoder,
-    load_decoder_config,
-    load_upsampler,
-    load_upsampler_config,
-    train_decoder,
-    train_upsampler,
-)
+from training.decoder_job import load_decoder_config, load_upsampler_config, train_decoder, train_upsampler
+from training.export import load_decoder, load_upsampler
 
 from .conftest import REPO, kill_session
 from .test_prior import RecordBatches
@@ -88,7 +82,23 @@ def test_tiny_models_learn_export_and_draw_grids(trained, kind):
     assert config["clip"]["checksum"] and config["metrics"]["step"] == 40
     grids = sorted((root / "outputs" / f"train-{kind}-tiny" / "samples").glob("step*.png"))
     assert [g.name for g in grids] == ["step000020.png", "step000040.png"]
-    assert Image.open(grids[-1]).size[0] > 0
+    # Decoder: real images above their decodings; upsampler: bicubic, sampled, real. 8 val samples a row.
+    cells = grid_cells(grids[-1], columns=8, rows=2 if kind == "decoder" else 3)
+    assert not np.array_equal(cells[0], cells[1]) and cells[-1].std() > 0
+
+
+def grid_cells(path, columns: int, rows: int, cell: int = 128, gap: int = 2) -> np.ndarray:
+    """The cells (rows, columns, cell, cell, 3) of a PNG grid that must be exactly `columns` × `rows`."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape == (rows * (cell + gap) + gap, columns * (cell + gap) + gap, 3), (path, image.shape)
+    return np.stack(
+        [
+            np.stack(
+                [image[gap + r * (cell + gap) :][:cell, gap + c * (cell + gap) :][:, :cell] for c in range(columns)]
+            )
+            for r in range(rows)
+        ]
+    )
 
 
 def test_sampling_shape_dtype_and_seeded(trained):
@@ -96,7 +106,7 @@ def test_sampling_shape_dtype_and_seeded(trained):
     decoder = load_decoder(root / "models" / "tiny" / "decoder")
     z = torch.nn.functional.normalize(torch.randn(3, decoder.config.dim), dim=-1)
     a = decoder.sample(z, [5, 6, 7], steps=4)
-    assert a.shape == (3, 3, 8, 8) and a.dtype == torch.float32 and a.abs().max() <= 1
+    assert a.shape == (3, 3, 8, 8) and a.dtype == torch.float32 and float(a.std((1, 2, 3)).min()) > 0
     b = decoder.sample(z[[2, 0]], [7, 5], steps=4)  # another batch: the same seed gives the same image
     torch.testing.assert_close(b, a[[2, 0]], atol=1e-5, rtol=0)
     assert not torch.allclose(decoder.sample(z[:1], [99], steps=4), a[:1])
@@ -109,28 +119,24 @@ def test_sampling_shape_dtype_and_seeded(trained):
 
 
 def test_loading_an_export_reproduces_the_module(trained, tmp_path):
-    """A module (the trained export's settings, its net restored from the trained weights) exported and
-    loaded back samples the same images."""
+    """A module (the trained export's settings, its EMA restored from the trained weights) exported and
+    loaded back samples the same images as the module's own sampler; its live net, another network, does not."""
     from training.decoder import DecoderModule
     from training.export import save_export
+    from training.samplers import DecoderSampler
 
     root, _, _ = trained
-    trained_module = load_decoder(root / "models" / "tiny" / "decoder")
-    module = DecoderModule(**dict(trained_module.hparams))
-    module.ema.load_state_dict(trained_module.ema.state_dict())  # net stays as initialised: another network
-    save_export(
-        tmp_path / "decoder",
-        "decoder",
-        module.ema,
-        {"decoder": module.config.to_dict(), "hparams": dict(module.hparams)},
-        {"model": "m", "checksum": "c"},
-    )
+    folder = root / "models" / "tiny" / "decoder"
+    config = json.loads((folder / "config.json").read_text())
+    module = DecoderModule(config["decoder"], **config["hparams"])
+    module.ema.load_state_dict(load_decoder(folder).net.state_dict())  # net stays as initialised
+    save_export(tmp_path / "decoder", "decoder", module.ema, module.export_config(), {"model": "m", "checksum": "c"})
     loaded = load_decoder(tmp_path / "decoder", clip_checksum="c")
     z = torch.nn.functional.normalize(torch.randn(2, loaded.config.dim), dim=-1)
-    torch.testing.assert_close(
-        loaded.sample(z, [0, 1], steps=4), module.eval().sample(z, [0, 1], steps=4), atol=1e-6, rtol=0
-    )
-    assert not torch.allclose(loaded.sample(z, [0, 1], steps=4), module.sample(z, [0, 1], steps=4, net=module.net))
+    expected = module.eval().sampler.sample(z, [0, 1], steps=4)
+    torch.testing.assert_close(loaded.sample(z, [0, 1], steps=4), expected, atol=1e-6, rtol=0)
+    live = DecoderSampler(module.net, module.text, module.hparams.prediction_type, sampling={"steps": 4})
+    assert not torch.allclose(live.sample(z, [0, 1]), expected)
 
 
 def test_key_join_drops_only_the_unmatched(tiny_embed, tmp_path):
@@ -154,7 +160,7 @@ def test_key_join_drops_only_the_unmatched(tiny_embed, tmp_path):
     assert sum(s.count for s in after) == sum(s.count for s in before) - 2
     assert (report.missing_embedding, report.missing_image, report.missing_shards) == (2, 1, [])
 
-    datamodule = ImageEmbeddingDataModule(str(shards), str(embeddings), 8)
+    datamodule = ImageEmbeddingDataModule(str(shards), str(embeddings), image_size=8, seed=0)
     original = store.read_table(layout.embeddings, ["key", "image_embedding"])
     vector_of = dict(
         zip(original.column("key").to_pylist(), store.arrow_to_vectors(original.column("image_embedding")))
@@ -206,14 +212,17 @@ def test_generation_commands_write_pngs(trained, tmp_path, tiny_embed):
         "interpolate": ["--a", images[0], "--b", images[1], "-n", "4"],
         "textdiff": ["--image", images[0], "--from", "a red circle", "--to", "a blue circle", "-n", "3"],
     }
+    shapes = {"sample": (2, 2), "variations": (3, 1), "interpolate": (4, 1), "textdiff": (3, 1)}  # columns, rows
     for job, args in commands.items():
         out = tmp_path / f"{job}.png"
         assert main([job, "--models", models, "--steps", "3", "--out", str(out), *args]) == 0
-        grid = Image.open(out)
-        assert grid.size[0] > 0
+        cells = grid_cells(out, *shapes[job])
+        assert not np.array_equal(cells[0, 0], cells[-1, -1]), f"{job}: the first and last image are the same"
         again = tmp_path / f"{job}-again.png"
-        main([job, "--models", models, "--steps", "3", "--out", str(again), *args])
-        assert np.array_equal(np.asarray(grid), np.asarray(Image.open(again))), f"{job}: same seed, another image"
+        assert main([job, "--models", models, "--steps", "3", "--out", str(again), *args]) == 0
+        assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again))), (
+            f"{job}: same seed, another image"
+        )
 
 
 def test_a_component_of_another_clip_is_refused(trained, tmp_path):
@@ -342,3 +351,83 @@ def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():
     points = diversity_at_equal_clip_score(results, "unclip", "glide_like", "diversity_clip")
     assert points[0]["glide_like"] == pytest.approx(0.2) and points[0]["unclip"] == 0.4
     assert points[1]["glide_like"] is None  # outside the baseline's range of CLIP scores
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "text-small", "laion-64px"])
+def test_every_attention_layer_has_heads_of_head_width(name):
+    """channels // head_width heads of head_width each (diffusers reads its argument as a head count)."""
+    from training.decoder_net import Decoder, DecoderConfig
+    from training.export import attention_layout
+
+    sizes = dict(load_decoder_config(REPO / f"configs/decoder/{name}.yaml")["decoder"])
+    sizes.setdefault("dim", 64)
+    with torch.device("meta"):  # the 1.15 B-parameter config too, without allocating it
+        net = Decoder(DecoderConfig(**sizes))
+    layout = attention_layout(net)
+    assert len(layout) > 0 and {width for _, width in layout} == {sizes["head_width"]}
+    assert {heads * width for heads, width in layout} == set(sizes["channels"][1:])
+
+
+def test_an_export_or_checkpoint_of_another_head_layout_is_refused(trained, tmp_path):
+    """The same weights load under any head split, so the split is recorded and checked."""
+    root, common, _ = trained
+    folder = tmp_path / "decoder"
+    shutil.copytree(root / "models" / "tiny" / "decoder", folder)
+    config = json.loads((folder / "config.json").read_text())
+    for record, message in (
+        (dict(config, layout=[[h * 2, w // 2] for h, w in config["layout"]]), "attention layout .* differs"),
+        ({k: v for k, v in config.items() if k != "layout"}, "records no attention layout"),
+        ({k: v for k, v in config.items() if k != "format"}, "export format 1"),
+    ):
+        (folder / "config.json").write_text(json.dumps(record))
+        with pytest.raises(ConfigError, match=message):
+            load_decoder(folder)
+    checkpoint = torch.load(root / "outputs" / "train-decoder-tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["layout"] = [[h * 2, w // 2] for h, w in checkpoint["layout"]]
+    torch.save(checkpoint, tmp_path / "other-heads.ckpt")
+    settings = dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), **dict(common, outputs_root=str(tmp_path)))
+    with pytest.raises(ConfigError, match="attention layout .* differs"):
+        train_decoder(**dict(settings, resume=str(tmp_path / "other-heads.ckpt"), max_steps=60))
+
+
+def test_an_upsampler_of_another_clip_is_refused(trained, tmp_path):
+    """The upsampler reads z_i, so UnCLIP.load checks its CLIP like the prior's and the decoder's."""
+    from training.generate import UnCLIP
+
+    root, _, _ = trained
+    for kind in ("decoder", "prior", "upsampler"):
+        shutil.copytree(root / "models" / "tiny" / kind, tmp_path / kind)
+    assert UnCLIP.load(tmp_path).upsampler is not None
+    config = json.loads((tmp_path / "upsampler" / "config.json").read_text())
+    config["clip"]["checksum"] = "f" * 64
+    (tmp_path / "upsampler" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="upsampler .* was trained against another CLIP"):
+        UnCLIP.load(tmp_path)
+
+
+def test_tiny_decoder_trains_with_clip_text_tokens(tiny_embed, tmp_path):
+    """text_tokens: clip (the full-size configs' setting) on the CPU: per-token encodings from the frozen
+    CLIP, their width taken from it, a few steps, an export that samples with and without captions."""
+    config, _ = tiny_embed
+    settings = dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), data_root=config.data_root)
+    record = RecordBatches()
+    _with_callback(
+        record,
+        lambda: train_decoder(
+            **dict(
+                settings,
+                text_tokens="clip",
+                max_steps=3,
+                val_every=1000,
+                precision="32-true",
+                models_root=str(tmp_path / "models"),
+                outputs_root=str(tmp_path / "outputs"),
+            )
+        ),
+    )
+    assert len(record.losses) == 3 and all(math.isfinite(loss) for loss in record.losses)
+    decoder = load_decoder(tmp_path / "models" / "tiny" / "decoder")
+    assert decoder.config.text_token_width == 64  # the tiny CLIP's text width
+    z = torch.nn.functional.normalize(torch.randn(2, decoder.config.dim), dim=-1)
+    with_caption = decoder.sample(z, [0, 1], ["a red circle", "a blue square"], steps=3)
+    assert not torch.allclose(with_caption, decoder.sample(z, [0, 1], steps=3))

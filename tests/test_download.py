@@ -9,6 +9,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
+from embeddings.tars import tar_info
 from pipelines.download import download
 from pipelines.ingest import ingest
 from pipelines.server import serve_folder
@@ -90,10 +91,15 @@ def test_csv_url_list_with_absolute_urls(tmp_path, ray_local):
             caption_col="text",
             image_size=32,
             resize_mode="no",
-            samples_per_shard=10,
+            samples_per_shard=2,
         )
     assert summary["successes"] == 3 and summary["failed"] == 1
-    assert sorted(r["extra"] for r in _shard_rows(tmp_path / "shards")) == ["x0", "x1", "x2", "x9"]
+    rows = _shard_rows(tmp_path / "shards")
+    assert sorted(r["extra"] for r in rows) == ["x0", "x1", "x2", "x9"]
+    # No split column in the list: one by shard, shard 0 val and shard 1 train, in the samples and the stats.
+    assert {r["extra"]: r["split"] for r in rows} == {"x0": "val", "x1": "val", "x2": "train", "x9": "train"}
+    assert summary["by_split"] == {"train": {"successes": 1, "failures": 1}, "val": {"successes": 2}}
+    assert [tar_info(t)[1] for t in sorted((tmp_path / "shards").glob("*.tar"))] == ["val", "train"]
 
 
 def test_ingest_folder_of_captioned_images(tmp_path, ray_local):
@@ -104,7 +110,7 @@ def test_ingest_folder_of_captioned_images(tmp_path, ray_local):
         render(scene, 80).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"a yellow circle number {i}\n")
     render(Scene("black", ()), 80).save(folder / "uncaptioned.png")
-    summary = ingest(tmp_path / "photos", "photos", data_root=tmp_path / "data", image_size=64, samples_per_shard=10)
+    summary = ingest(tmp_path / "photos", "photos", data_root=tmp_path / "data", image_size=64, samples_per_shard=2)
     assert summary["successes"] == 4 and summary["skipped_without_caption"] == 1
     rows = sorted(_shard_rows(tmp_path / "data/photos/shards"), key=lambda r: r["caption"])
     assert [r["caption"] for r in rows] == [f"a yellow circle number {i}" for i in range(4)]

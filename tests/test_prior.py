@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from training.prior import PriorModule, evaluate_prior
-from training.prior_job import load_prior, load_prior_config, sample_prior, train_prior
+from training.export import load_prior
+from training.generate import sample_prior
+from training.prior_job import load_prior_config, train_prior
 
 from .conftest import REPO
 
@@ -125,7 +127,7 @@ def test_distinct_rank_ignores_images_of_the_same_scene():
 
 
 def two_process_run(embeddings, out, launcher: str) -> list[dict]:
-    """tests/ddp_prior_run.py in a subprocess with `launcher`; what each of the two ranks saw."""
+    """tests/ddp_prior_run.py in a subprocess with `launcher`; what each of the two ranks saw (its `val` figures too)."""
     script = REPO / "tests" / "ddp_prior_run.py"
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [
@@ -137,7 +139,10 @@ def two_process_run(embeddings, out, launcher: str) -> list[dict]:
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [
+        dict(json.loads((out / f"rank{r}.json").read_text()), val=json.loads((out / f"val{r}.json").read_text()))
+        for r in (0, 1)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +166,28 @@ def test_ray_train_and_torchrun_match_lightning_ddp(launcher, lightning_ddp, tin
         assert ray_rank["batches"] == ddp_rank["batches"]
         np.testing.assert_allclose(ray_rank["losses"], ddp_rank["losses"], rtol=1e-5)
         assert ray_rank["weights"] == pytest.approx(ddp_rank["weights"], rel=1e-6)
+
+
+def test_tiny_prior_trains_with_clip_text_tokens(prior_settings, tiny_embed):
+    """text_tokens: clip (the full-size prior's setting) on the CPU: per-token encodings from the frozen CLIP,
+    the width and token count taken from it, a few steps, an export that samples."""
+    settings, root = prior_settings
+    config, _ = tiny_embed
+    metrics, record = _run(settings, root, "tokens", text_tokens="clip", max_steps=3, val_every=1000, resume=None)
+    assert len(record.losses) == 3 and all(np.isfinite(record.losses)) and metrics["step"] == 3
+    exported = json.loads((root / "models" / "tiny" / "prior" / "config.json").read_text())
+    assert (exported["prior"]["text_token_width"], exported["prior"]["max_text_tokens"]) == (64, 32)
+    z = sample_prior(["a red circle"], root / "models" / "tiny" / "prior", config.layout.embeddings, steps=4)
+    assert z.shape == (1, 32)
+
+
+def test_two_processes_validate_on_every_pair_as_one_process_does(lightning_ddp):
+    """Validation under DDP: each rank samples its share of the val pairs (seeded by the pair's index among
+    all of them), the figures combine every rank's pairs once, and equal the one-process figures."""
+    ranks = [rank["val"] for rank in lightning_ddp]
+    one = ranks[0]["one_process"]
+    assert one["pairs"] > 16
+    for rank in ranks:
+        assert rank["distributed"]["pairs"] == one["pairs"]
+        for name, value in one.items():
+            assert rank["distributed"][name] == pytest.approx(value, abs=1e-6), name

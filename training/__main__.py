@@ -192,19 +192,17 @@ def _sample_prior(args) -> None:
     import numpy as np
 
     from embeddings.index import Searcher
-    from pipelines.data_config import load_data_config
-    from training.prior_job import load_prior_config, sample_prior
+    from training.generate import sample_prior
+    from training.prior_job import PRIOR_JOB, load_prior_config
+    from training.settings import Run
 
-    config = load_prior_config(args.config)
-    layout = load_data_config(
-        config["data"], [f"data_root={config['data_root']}"] if config.get("data_root") else None
-    ).layout
+    run = Run(**PRIOR_JOB.split(load_prior_config(args.config))["run"])
+    layout = run.layout()
     prompts = list(args.prompt) + (Path(args.prompts).read_text().splitlines() if args.prompts else [])
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ValueError('give PROMPT="..." or PROMPTS=file.txt')
-    name = config.get("name") or layout.root.name
-    prior_dir = Path(config.get("models_root", "models")) / name / "prior"
+    prior_dir = Path(run.models_root) / (run.name or layout.root.name) / "prior"
     z = sample_prior(
         prompts, prior_dir, layout.embeddings, seed=args.seed, steps=args.steps, guidance_scale=args.guidance
     )

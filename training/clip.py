@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -19,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from embeddings.config import load_job_config
 from embeddings.encoders import save_clip_folder
 from embeddings.tars import iter_tar_samples
 from training.clip_eval import evaluate_clip
 from training.data import decode_image, read_tar_range, tar_shards
 from training.streaming import ShardStream
+from training.settings import JobSpec, Run
 from training.trainer import StreamingModule, build_trainer, resume_checkpoint, warmup_cosine
 
 
@@ -65,7 +66,8 @@ class ClipModule(StreamingModule):
 
     def __init__(
         self,
-        model_cfg: dict,
+        model: dict,
+        *,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 150,
@@ -73,12 +75,10 @@ class ClipModule(StreamingModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = open_clip.model.CLIP(**model_cfg)
+        self.model = open_clip.model.CLIP(**model)
         self.loss = open_clip.ClipLoss()
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
-            context_length=model_cfg["text_cfg"].get("context_length", 77)
-        )
-        self.pixels = PixelPipe(model_cfg)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model["text_cfg"].get("context_length", 77))
+        self.pixels = PixelPipe(model)
         self._val: list = []
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -150,7 +150,8 @@ class ClipDataModule(L.LightningDataModule):
     def __init__(
         self,
         shards_dir: str,
-        model_cfg: dict,
+        model: dict,
+        *,
         batch_size: int = 128,
         num_workers: int = 1,
         seed: int = 0,
@@ -160,10 +161,8 @@ class ClipDataModule(L.LightningDataModule):
         super().__init__()
         self.shards_dir, self.batch_size, self.num_workers = shards_dir, batch_size, num_workers
         self.seed, self.shuffle_buffer, self.val_samples = seed, shuffle_buffer, val_samples
-        self.pixels = PixelPipe(model_cfg)
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
-            context_length=model_cfg["text_cfg"].get("context_length", 77)
-        )
+        self.pixels = PixelPipe(model)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model["text_cfg"].get("context_length", 77))
 
     def decode(self, sample: dict):
         return self.pixels.to_uint8(sample["image"]), self.tokenizer([sample["caption"]])[0]
@@ -198,91 +197,45 @@ class ClipDataModule(L.LightningDataModule):
 
 # ------------------------------------------------------------------ the job
 
-TRAIN_KEYS = (
-    "data",
-    "data_root",
-    "name",
-    "model",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-    "max_steps",
-    "batch_size",
-    "num_workers",
-    "seed",
-    "shuffle_buffer",
-    "precision",
-    "accelerator",
-    "devices",
-    "num_nodes",
-    "val_every",
-    "checkpoint_every",
-    "log_every",
-    "export_dtype",
-    "resume",
-    "models_root",
-    "outputs_root",
+
+@dataclass
+class ClipRun(Run):
+    """Where train-clip reads and writes, and the dtype of its export."""
+
+    export_dtype: str = "float32"  # or float16: half the file size
+
+
+CLIP_JOB = JobSpec(
+    {"run": ClipRun, "module": ClipModule, "data": ClipDataModule, "trainer": build_trainer},
+    exclude=("shards_dir", "run_dir", "callbacks", "strategy", "launcher"),
+    sections={"model": ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale")},
 )
 
 
 def load_clip_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """A train-clip config, every key checked; 'model' is an open_clip model config."""
-    model_keys = ["embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"]
-    return load_job_config(path, overrides, TRAIN_KEYS, ("data", "model"), {"model": model_keys})
+    """A train-clip config (configs/clip/*.yaml plus overrides), checked and with defaults filled; 'model' is
+    an open_clip model config."""
+    return CLIP_JOB.load(path, overrides)
 
 
-def train_clip(
-    data: str,
-    model: dict,
-    *,
-    data_root: str | None = None,
-    name: str | None = None,
-    lr: float = 1e-3,
-    weight_decay: float = 0.1,
-    warmup_steps: int = 150,
-    max_steps: int = 3000,
-    batch_size: int = 128,
-    num_workers: int = 1,
-    seed: int = 0,
-    shuffle_buffer: int = 2000,
-    precision: str = "auto",
-    accelerator: str = "auto",
-    devices: int = 1,
-    num_nodes: int = 1,
-    val_every: int = 500,
-    checkpoint_every: int = 500,
-    log_every: int = 25,
-    export_dtype: str = "float32",
-    resume: str | None = "auto",
-    models_root: str = "models",
-    outputs_root: str = "outputs",
-) -> dict:
-    """Train a CLIP on the data set of config `data`, export it to models/<name>/clip/; returns the metrics."""
-    from pipelines.data_config import load_data_config
-
-    data_config = load_data_config(data, [f"data_root={data_root}"] if data_root else None)
-    name = name or data_config.name
-    run_dir = Path(outputs_root) / f"train-clip-{name}"
-    export_dir = Path(models_root) / name / "clip"
+def train_clip(**settings) -> dict:
+    """Train a CLIP (CLIP_JOB's keys) on its data set's shards, export it to models/<name>/clip/; returns the metrics."""
+    parts = CLIP_JOB.split(settings)
+    run = ClipRun(**parts["run"])
+    layout = run.layout()
+    name = run.name or layout.root.name
+    run_dir = Path(run.outputs_root) / f"train-clip-{name}"
+    export_dir = Path(run.models_root) / name / "clip"
+    seed, model = parts["data"]["seed"], parts["module"]["model"]
     L.seed_everything(seed, workers=True)
-    module = ClipModule(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps)
-    datamodule = ClipDataModule(str(data_config.layout.shards), model, batch_size, num_workers, seed, shuffle_buffer)
-    trainer = build_trainer(
-        run_dir,
-        max_steps=max_steps,
-        precision=precision,
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        val_every=val_every,
-        checkpoint_every=checkpoint_every,
-        log_every=log_every,
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, resume))
+    module = ClipModule(**parts["module"])
+    datamodule = ClipDataModule(str(layout.shards), **parts["data"])
+    trainer = build_trainer(run_dir, **parts["trainer"])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     metrics = {"step": trainer.global_step, **getattr(module, "metrics", {})}
     if trainer.is_global_zero:
-        dtype = {"float32": torch.float32, "float16": torch.float16}[export_dtype]
-        extra = {"unclip": {"trained_on": data, "steps": trainer.global_step, "seed": seed, "metrics": metrics}}
+        dtype = {"float32": torch.float32, "float16": torch.float16}[run.export_dtype]
+        extra = {"unclip": {"trained_on": run.data, "steps": trainer.global_step, "seed": seed, "metrics": metrics}}
         save_clip_folder(module.model.to(dtype), model, export_dir, extra=extra)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         print(f"exported CLIP to {export_dir}/  metrics: {run_dir / 'metrics.json'}")

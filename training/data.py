@@ -13,16 +13,33 @@ from pathlib import Path
 from PIL import Image
 
 from embeddings import storage, store
+from embeddings.config import ConfigError
 from embeddings.tars import finished_tars, iter_tar_samples, tar_info
 from training.streaming import Shard
 
 
+def check_val_split(split: str) -> None:
+    """Refuse a validation split that is the training split: train and val never overlap."""
+    if split == "train":
+        raise ConfigError("val_split 'train': validation would read the very samples the model trains on")
+
+
+def unsplit(shard) -> ConfigError:
+    """The error for a shard whose samples have no split (they would be in train and val at once)."""
+    return ConfigError(
+        f"{shard} has no split, so its samples would be trained on and validated against at once: download "
+        "the data set again (a URL list without a `split` column gets one per shard, download.val_fraction)"
+    )
+
+
 def tar_shards(shards_dir: str | Path, split: str | None = "train") -> list[Shard]:
-    """Finished tars of one split (all tars when the data has no split column)."""
+    """Finished tars of one split (every tar when `split` is None); a tar without a split is an error."""
     shards = []
     for tar in finished_tars(shards_dir):
         count, tar_split = tar_info(tar)
-        if split is None or tar_split is None or tar_split == split:
+        if split is not None and tar_split is None:
+            raise unsplit(tar)
+        if split is None or tar_split == split:
             shards.append(Shard(str(tar), count))
     if not shards:
         raise FileNotFoundError(f"no {split or ''} shards in {shards_dir}: run `make download` first")
@@ -49,14 +66,19 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") -> list[Shard]:
-    """Finished embedding shards holding `split` (rows counted from the Parquet metadata)."""
+    """Finished embedding shards holding `split` (every shard when None; rows counted from the Parquet
+    metadata); a shard without a split is an error."""
     shards = []
     for path in store.shard_paths(embeddings_dir):
         meta = storage.parquet_file(path)
-        if split is not None and "split" in meta.schema_arrow.names:
+        if split is not None:
+            if "split" not in meta.schema_arrow.names:
+                raise unsplit(path)
             splits = set(storage.read_parquet(path, columns=["split"]).column("split").to_pylist())
             if len(splits) > 1:
                 raise ValueError(f"{path} mixes splits {sorted(map(str, splits))}: trainers select splits per shard")
+            if splits == {None}:
+                raise unsplit(path)
             if splits != {split}:
                 continue
         shards.append(Shard(str(path), meta.metadata.num_rows))

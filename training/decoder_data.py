@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from embeddings import storage, store
 from embeddings.tars import IMAGE_EXTENSIONS, iter_tar_samples
-from training.data import decode_image, tar_shards
+from training.data import check_val_split, decode_image, tar_shards
 from training.streaming import Shard, ShardStream
 
 COLUMNS = ["key", "caption", "image_embedding", "text_embedding"]
@@ -118,23 +118,20 @@ class ImageEmbeddingDataModule(L.LightningDataModule):
         self,
         shards_dir: str,
         embeddings_dir: str,
+        *,
         image_size: int,
+        seed: int,
         batch_size: int = 64,
         num_workers: int = 0,
-        seed: int = 0,
         shuffle_buffer: int = 2048,
         val_samples: int = 256,
         val_split: str = "val",
     ):
         super().__init__()
+        check_val_split(val_split)
         self.shards_dir, self.embeddings_dir, self.image_size = shards_dir, storage.as_path(embeddings_dir), image_size
-        self.batch_size, self.num_workers, self.seed, self.shuffle_buffer = (
-            batch_size,
-            num_workers,
-            seed,
-            shuffle_buffer,
-        )
-        self.val_samples, self.val_split = val_samples, val_split
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.shuffle_buffer, self.val_samples, self.val_split = shuffle_buffer, val_samples, val_split
         self.reports: dict[str, JoinReport] = {}
         self._shards: dict[str, list[Shard]] = {}
 

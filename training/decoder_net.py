@@ -3,9 +3,11 @@
 Decoder: ε = decoder(x_t, t, z). The CLIP embedding z is conditioned on twice, as the paper does:
 projected and added to the timestep embedding (the UNet's `class_embed_type="projection"`), and
 projected into 4 extra context tokens that every cross-attention layer attends to, concatenated
-with projected text token encodings when those are used. Classifier-free guidance zeroes z and
-masks out the text tokens. `z` is whatever vector the module conditions on: the CLIP image embedding
-for unCLIP, the CLIP text embedding for the GLIDE-like baseline (same network, same places).
+with projected text token encodings when those are used. Cross-attention runs `channels // head_width`
+heads of width `head_width` at each level. The network knows nothing of dropped conditions: the
+caller passes the zeroed z and the empty caption's tokens in their place (training/conditioning.py).
+`z` is whatever vector the module conditions on: the CLIP image embedding for unCLIP, the CLIP text
+embedding for the GLIDE-like baseline (same network, same places).
 
 Upsampler: ε = upsampler(x_t, t, low), the low-resolution image upsampled (bicubic) to x_t's size
 and concatenated as 3 extra input channels; convolutional only, so it trains on random crops and
@@ -58,8 +60,17 @@ class UpsamplerConfig:
         return asdict(self)
 
 
+def attention_heads(channels: list[int], head_width: int) -> tuple[int, ...]:
+    """Heads per UNet level: channels // head_width, each head `head_width` wide (the first level has no
+    attention; its entry is not used)."""
+    for level, width in enumerate(channels[1:], 1):
+        if width % head_width:
+            raise ValueError(f"decoder.channels[{level}] = {width} is not a multiple of head_width {head_width}")
+    return tuple(max(1, width // head_width) for width in channels)
+
+
 class Decoder(nn.Module):
-    """ε = decoder(x_t, t, z, text_tokens, token_mask, drop_z, drop_text)."""
+    """ε = decoder(x_t, t, z, text_tokens, token_mask)."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -75,7 +86,8 @@ class Decoder(nn.Module):
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
             cross_attention_dim=c.context_width,
-            attention_head_dim=c.head_width,
+            # diffusers reads this argument as heads per block (its naming, kept for old configs)
+            attention_head_dim=attention_heads(c.channels, c.head_width),
             class_embed_type="projection",
             projection_class_embeddings_input_dim=c.dim,
         )
@@ -90,14 +102,10 @@ class Decoder(nn.Module):
         z: torch.Tensor,
         text_tokens: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
-        drop_z: torch.Tensor | None = None,
-        drop_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_t: (B, 3, H, W); t: (B,); z: (B, D) unit; text_tokens (B, T, W); masks and drops (B,) bool."""
+        """x_t: (B, 3, H, W); t: (B,); z: (B, D) unit (or zero); text_tokens (B, T, W); token_mask (B, T) True = real."""
         b = x_t.shape[0]
         z = z * self.scale
-        if drop_z is not None:
-            z = torch.where(drop_z[:, None], torch.zeros_like(z), z)
         context = self.to_context(z).view(b, self.config.context_tokens, self.config.context_width)
         keep = torch.ones(context.shape[:2], dtype=torch.bool, device=x_t.device)
         if self.in_tokens is not None:
@@ -108,8 +116,6 @@ class Decoder(nn.Module):
                 if token_mask is not None
                 else torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x_t.device)
             )
-            if drop_text is not None:
-                token_keep = token_keep & ~drop_text[:, None]
             context = torch.cat([context, self.in_tokens(text_tokens)], dim=1)
             keep = torch.cat([keep, token_keep], dim=1)
         mask = keep.to(x_t.dtype) if self.in_tokens is not None else None
@@ -118,7 +124,7 @@ class Decoder(nn.Module):
 
 class Upsampler(nn.Module):
     """ε = upsampler(x_t, t, low, z): low is (B, 3, h, w) at 1/factor of x_t's resolution; z (B, D) only
-    when config.dim > 0, zeroed where drop_z."""
+    when config.dim > 0 (zero where dropped)."""
 
     def __init__(self, config: UpsamplerConfig):
         super().__init__()
@@ -144,16 +150,12 @@ class Upsampler(nn.Module):
         t: torch.Tensor,
         low: torch.Tensor,
         z: torch.Tensor | None = None,
-        drop_z: torch.Tensor | None = None,
     ) -> torch.Tensor:
         labels = None
         if self.to_time is not None:
             if z is None:
                 raise ValueError("this upsampler was built with dim > 0: pass the CLIP image embedding z")
-            z = z * self.scale
-            if drop_z is not None:
-                z = torch.where(drop_z[:, None], torch.zeros_like(z), z)
-            labels = self.to_time(z)
+            labels = self.to_time(z * self.scale)
         return self.unet(torch.cat([x_t, upsample(low, x_t.shape[-1])], dim=1), t, class_labels=labels).sample
 
 

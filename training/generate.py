@@ -3,9 +3,10 @@
 `UnCLIP.load(models/<name>)` reads the exported prior/, decoder/ and upsampler/ (each records the
 checksum of the CLIP it was trained against) and the CLIP itself, from the record's model and
 weights; a component trained against another CLIP is a clear error. Every method returns uint8
-images (N, H, W, 3); sample i of a call starts from the noise of seed + i (the same seed gives the
-same image), and interpolations and text diffs keep one decoder noise along their path, as the paper
-does, so only the embedding changes.
+images (N, H, W, 3); sample i of a call draws from the streams of seed + i (the same seed gives the
+same image; the prior, decoder and upsampler of one sample draw from streams of their own), and
+interpolations and text diffs keep one decoder noise along their path, as the paper does, so only
+the embedding changes. Nothing here imports Lightning: exports load as plain samplers.
 """
 
 from __future__ import annotations
@@ -40,9 +41,7 @@ class UnCLIP:
     def load(cls, folder: str | Path, decoder: str = "decoder", device: str = "cpu") -> UnCLIP:
         """Load models/<name>/: its `decoder` export (or decoder-text), prior/ and upsampler/ where present."""
         from embeddings.encoders import load_encoder
-        from training.decoder_job import load_decoder, load_upsampler
-        from training.export import load_export
-        from training.prior_job import load_prior
+        from training.export import load_decoder, load_export, load_prior, load_upsampler
 
         folder = Path(folder)
         config, _ = load_export(folder / decoder, "decoder")
@@ -60,15 +59,16 @@ class UnCLIP:
                 f"the CLIP at {spec.get('model')} (checksum {checksum[:12]}…) is not the one the decoder was "
                 f"trained against ({clip['checksum'][:12]}…)"
             )
-        dec = load_decoder(folder / decoder, checksum).to(device)
+        dec = load_decoder(folder / decoder, checksum, encoder)
         prior = (
-            load_prior(folder / "prior", checksum).to(device) if (folder / "prior" / "config.json").is_file() else None
+            load_prior(folder / "prior", checksum, encoder) if (folder / "prior" / "config.json").is_file() else None
         )
         up = (
-            load_upsampler(folder / "upsampler").to(device)
-            if (folder / "upsampler" / "config.json").is_file()
-            else None
+            load_upsampler(folder / "upsampler", checksum) if (folder / "upsampler" / "config.json").is_file() else None
         )
+        for component in (dec, prior, up):
+            if component is not None:
+                component.net.to(device)
         return cls(encoder, dec, prior, up)
 
     # -- the two stages ---------------------------------------------------------------------------------
@@ -104,8 +104,8 @@ class UnCLIP:
         if upsample and self.upsampler is not None:
             # The upsampler reads the CLIP image embedding where it has one; a text-conditioned decoder
             # (the baseline) has none, so its upsampler input is the zeroed embedding.
-            z_i = z if self.decoder.hparams.condition == "image" and self.upsampler_embedding else None
-            images = self.upsampler.sample(images, [s + 7_919 for s in seeds], z_i, steps=upsampler_steps)
+            z_i = z if self.decoder.condition == "image" and self.upsampler_embedding else None
+            images = self.upsampler.sample(images, seeds, z_i, steps=upsampler_steps)
         return to_uint8(images)
 
     def prior_embeddings(
@@ -113,9 +113,7 @@ class UnCLIP:
     ) -> torch.Tensor:
         if self.prior is None:
             raise FileNotFoundError("no prior in the model folder: run `make train-prior` first")
-        z_t = self.embed_texts(prompts)
-        tokens, mask = self.prior.text_tokens(list(prompts))
-        return self.prior.sample(z_t, seeds, tokens, mask, guidance_scale=prior_guidance)
+        return self.prior.sample(self.embed_texts(prompts), prompts, seeds, guidance_scale=prior_guidance)
 
     # -- the four uses ----------------------------------------------------------------------------------
 
@@ -127,7 +125,7 @@ class UnCLIP:
         A decoder conditioned on text (the GLIDE-like baseline) skips the prior."""
         prompts = [p for p in prompts for _ in range(n)]
         seeds = [seed + i for i in range(len(prompts))]
-        if self.decoder.hparams.condition == "text":
+        if self.decoder.condition == "text":
             z = self.embed_texts(prompts)
         else:
             z = self.prior_embeddings(prompts, seeds, prior_guidance)
@@ -154,3 +152,26 @@ class UnCLIP:
         z_d = F.normalize(z_to - z_from, dim=-1)
         z = slerp(z_i, z_d, torch.linspace(0, max_theta, n))
         return self.decode(z, [seed] * n, **decode)
+
+
+def sample_prior(
+    prompts: list[str],
+    prior_dir: str | Path,
+    embeddings_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    candidates: int | None = None,
+) -> np.ndarray:
+    """Text → (N, D) unit CLIP image embeddings, with the CLIP that made `embeddings_dir` (checked);
+    prompt i draws from the streams of seed + i, as in `UnCLIP.text_to_image`."""
+    from embeddings.knn import encoder_from_manifest
+    from training.export import load_prior
+
+    encoder = encoder_from_manifest(embeddings_dir)
+    prior = load_prior(prior_dir, encoder.checksum, encoder)
+    z_t = encoder.encode_texts(list(prompts))
+    seeds = [seed + i for i in range(len(prompts))]
+    z_i = prior.sample(z_t, list(prompts), seeds, steps=steps, guidance_scale=guidance_scale, candidates=candidates)
+    return z_i.cpu().numpy()

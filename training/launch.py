@@ -30,8 +30,9 @@ LAUNCHERS = ("lightning", "ray")
 
 
 def run_job(job: Callable[..., dict], config: dict) -> dict:
-    """Run the training job `job(**config)` with the config's launcher; returns rank 0's result."""
-    launcher = config.get("launcher", "lightning")
+    """Run the training job `job(**config)` with the launcher of its resolved config (defaults filled in);
+    returns rank 0's result."""
+    launcher = config["launcher"]
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
     if launcher == "lightning":
@@ -40,16 +41,15 @@ def run_job(job: Callable[..., dict], config: dict) -> dict:
 
 
 def absolute_paths(config: dict) -> dict:
-    """The config with its storage paths made absolute (the data set's data_root filled in from its config;
-    an object-storage URI stays as it is)."""
+    """The resolved config with its storage paths made absolute (the data set's data_root filled in from
+    its config; an object-storage URI stays as it is)."""
     from pipelines.data_config import load_data_config
 
     config = dict(config)
     if not config.get("data_root") and config.get("data"):
         config["data_root"] = load_data_config(config["data"]).data_root
-    defaults = {"models_root": "models", "outputs_root": "outputs"}  # the jobs' own defaults
     for key in STORAGE_KEYS:
-        value = config.get(key) or defaults.get(key)
+        value = config.get(key)
         if value and not storage.is_uri(value):
             config[key] = str(Path(value).resolve())
     return config
@@ -64,10 +64,10 @@ def ray_train(job: Callable[..., dict], config: dict) -> dict:
     from pipelines.cluster import ray_session
 
     config = absolute_paths(config)
-    workers = int(config.get("num_nodes", 1)) * int(config.get("devices", 1))
+    workers = int(config["num_nodes"]) * int(config["devices"])
     result_file = Path(config["outputs_root"]) / f".ray-train-result-{uuid.uuid4().hex}.json"
     with ray_session():
-        accelerator = config.get("accelerator", "auto")
+        accelerator = config["accelerator"]
         use_gpu = accelerator in ("gpu", "cuda") or (
             accelerator == "auto" and ray.cluster_resources().get("GPU", 0) > 0
         )

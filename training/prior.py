@@ -1,13 +1,13 @@
 """`make train-prior`: the diffusion prior (text → CLIP image embedding), streaming embedding shards.
 
 The LightningModule holds the loss (MSE on x_0 = √D·z_i, unCLIP §2.2), classifier-free dropout of
-the text (10%), AdamW, and an EMA copy of the network used for evaluation, sampling and export.
-Sampling: DDIM with few steps, guidance, best-of-N by dot product with z_t (training/diffusion.py).
+the caption (10%: the empty caption in its place, training/conditioning.py), AdamW, and an EMA copy
+of the network used for evaluation, sampling and export. Sampling is training/samplers.py's
+PriorSampler: DDIM with few steps, guidance, best-of-N by dot product with z_t.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import lightning as L
@@ -17,141 +17,120 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from embeddings import storage
-from training.conditioning import FrozenTextTokens
-from training.data import embedding_shards, read_parquet_range
-from training.diffusion import ddim_sample, guided, noise_schedule, sample_timesteps, seeded_noise
+from training.conditioning import Caption, FrozenText, drop_caption
+from training.data import check_val_split, embedding_shards, read_parquet_range
+from training.diffusion import noise_schedule, sample_timesteps
 from training.prior_net import DiffusionPrior, PriorConfig
+from training.samplers import PriorSampler
 from training.streaming import ShardStream
-from training.trainer import StreamingModule, ema_update, warmup_cosine
+from training.trainer import DiffusionModule, gather
 
 
-class PriorModule(StreamingModule):
-    """Diffusion prior training: x_0 prediction, CFG dropout, EMA, periodic evaluation."""
+class PriorModule(DiffusionModule):
+    """Diffusion prior training: x_0 prediction, CFG dropout, EMA, periodic evaluation on val pairs."""
+
+    kind = "prior"
 
     def __init__(
         self,
         prior: dict,
+        clip: dict,
+        *,
         lr: float = 3e-4,
         weight_decay: float = 0.05,
         warmup_steps: int = 200,
         max_steps: int = 4000,
         ema_decay: float = 0.999,
         cond_drop_prob: float = 0.1,
-        eval_steps: int = 64,
-        guidance_scale: float = 1.0,
-        candidates: int = 2,
         text_tokens: str = "none",
-        clip: dict | None = None,
+        sampling: dict | None = None,
         seed: int = 0,
     ):
-        """`text_tokens`: 'none', or 'clip' for per-token encodings from the frozen CLIP `clip` (EncoderSpec fields)."""
+        """`prior`: PriorConfig sizes; `clip`: the CLIP the embeddings were made with (EncoderSpec fields),
+        which encodes the empty caption and, with `text_tokens: clip`, per-token encodings; `sampling`:
+        PriorSampling fields."""
         super().__init__()
         self.save_hyperparameters()
         self.config = PriorConfig(**prior)
-        self.net = DiffusionPrior(self.config)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.init_nets(DiffusionPrior(self.config))
         self.schedule = noise_schedule("sample")
         self.scale = math.sqrt(self.config.dim)  # unit vectors → per-dimension variance ~1
+        self.text = FrozenText(text_tokens, clip)
+        self.sampler = PriorSampler(self.ema, self.text, sampling)
         self.metrics: dict = {}
-        self._val: list = []
-        self._text_tokens = FrozenTextTokens(text_tokens, clip)
+        self._val: list[dict] = []
 
-    def text_tokens(self, captions: list[str]):
-        """(tokens (B, T, W), mask (B, T)) from the frozen CLIP text tower, or (None, None)."""
-        return self._text_tokens(captions, self.device)
+    def caption(self, z_t: torch.Tensor, captions: list[str]) -> Caption:
+        """The caption condition of a batch: z_t and, with text tokens, their encodings and mask."""
+        return Caption(z_t.float(), *self.text.tokens(list(captions), self.device))
 
-    def forward_loss(self, z_i, z_t, tokens=None, mask=None, generator=None):
-        """MSE between predicted and true x_0 for a batch of (z_i, z_t)."""
+    def forward_loss(self, z_i: torch.Tensor, caption: Caption, generator: torch.Generator) -> torch.Tensor:
+        """MSE between predicted and true x_0 for a batch, captions dropped with probability cond_drop_prob."""
         x_0 = z_i * self.scale
         t = sample_timesteps(x_0.shape[0], generator, x_0.device)
         noise = torch.randn(x_0.shape, generator=generator, device=x_0.device)
         x_t = self.schedule.add_noise(x_0, noise, t)
         drop = torch.rand(x_0.shape[0], generator=generator, device=x_0.device) < self.hparams.cond_drop_prob
-        return F.mse_loss(self.net(x_t, t, z_t, tokens, mask, drop), x_0)
+        c = drop_caption(caption, drop, self.text.empty(self.device))
+        return F.mse_loss(self.net(x_t, t, c.z_t, c.tokens, c.mask), x_0)
 
     def training_step(self, batch, batch_idx):
-        tokens, mask = self.text_tokens(batch["caption"])
-        # Noise, timesteps and dropout from (seed, step, rank): a resumed run draws what it would have.
-        generator = torch.Generator(self.device).manual_seed(
-            self.hparams.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
-        )
-        loss = self.count_batch(self.forward_loss(batch["z_i"], batch["z_t"], tokens, mask, generator))
+        caption = self.caption(batch["z_t"], batch["caption"])
+        loss = self.count_batch(self.forward_loss(batch["z_i"].float(), caption, self.step_generator()))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        z_t: torch.Tensor,
-        seeds: list[int],
-        tokens=None,
-        mask=None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        candidates: int | None = None,
-        net=None,
-    ) -> torch.Tensor:
-        """Unit image embeddings (B, D) for text embeddings (B, D): best of N candidates by z_t · z_i."""
-        net = net or self.ema
-        n = candidates or self.hparams.candidates
-        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        b, d = z_t.shape
-        cond = z_t.repeat_interleave(n, 0)
-        toks = tokens.repeat_interleave(n, 0) if tokens is not None else None
-        msk = mask.repeat_interleave(n, 0) if mask is not None else None
-        keep, drop = (
-            torch.zeros(b * n, dtype=torch.bool, device=z_t.device),
-            torch.ones(b * n, dtype=torch.bool, device=z_t.device),
-        )
-
-        def denoise(x_t, t):
-            out = net(x_t, t, cond, toks, msk, keep)
-            return out if scale == 1.0 else guided(out, net(x_t, t, cond, toks, msk, drop), scale)
-
-        noise = seeded_noise(seeds, (d,), n).to(z_t.device, z_t.dtype)
-        x_0 = ddim_sample(denoise, noise, steps or self.hparams.eval_steps, "sample")
-        candidates_z = F.normalize(x_0.float(), dim=-1).view(b, n, d)
-        best = (candidates_z @ z_t.float().unsqueeze(-1)).squeeze(-1).argmax(1)  # (B,)
-        return candidates_z[torch.arange(b), best]
-
     def validation_step(self, batch, batch_idx):
-        self._val.append(
-            {"z_i": batch["z_i"].cpu(), "z_t": batch["z_t"].cpu(), "caption": batch["caption"], "scene": batch["scene"]}
-        )
+        """Sample this rank's val pairs (each seeded by its index among all val pairs)."""
+        predicted = self.sample_rows(batch)
+        for i, index in enumerate(batch["index"]):
+            row = {"index": int(index), "predicted": predicted[i], "scene": batch["scene"][i]}
+            self._val.append(
+                dict(row, z_i=batch["z_i"][i].float().cpu().numpy(), z_t=batch["z_t"][i].float().cpu().numpy())
+            )
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val:
-            return
-        z_i = torch.cat([v["z_i"] for v in self._val])
-        z_t = torch.cat([v["z_t"] for v in self._val])
-        captions = [c for v in self._val for c in v["caption"]]
-        scenes = [c for v in self._val for c in v["scene"]]
+        """The figures over every rank's pairs (a pair the distributed sampler repeated counts once)."""
+        rows = {row["index"]: row for row in gather(self._val)}
         self._val.clear()
-        self.metrics = self.evaluate(z_i, z_t, captions, scenes)
+        if not rows:
+            return
+        self.metrics = metrics_of([rows[i] for i in sorted(rows)])
         for name, value in self.metrics.items():
-            self.log(f"val/{name}", value, prog_bar=name in ("cosine_predicted", "r_at_1_predicted"))
+            self.log(
+                f"val/{name}", float(value), prog_bar=name in ("cosine_predicted", "r_at_1_predicted"), sync_dist=True
+            )
 
     @torch.no_grad()
-    def evaluate(self, z_i: torch.Tensor, z_t: torch.Tensor, captions: list[str], scenes: list | None = None) -> dict:
-        """evaluate_prior for val pairs, sampling with the EMA network (per-pair seeds)."""
-        predicted = []
-        for i in range(0, len(z_t), 256):
-            tokens, mask = self.text_tokens(captions[i : i + 256])
-            seeds = list(range(i, min(i + 256, len(z_t))))
-            predicted.append(self.sample(z_t[i : i + 256].to(self.device).float(), seeds, tokens, mask).cpu())
-        scenes = scenes if scenes and all(s is not None for s in scenes) else None
-        return evaluate_prior(torch.cat(predicted).numpy(), z_i.float().numpy(), z_t.float().numpy(), scenes)
+    def sample_rows(self, batch: dict) -> np.ndarray:
+        """Predicted unit image embeddings (B, D) for a batch of val pairs, sampled with the EMA network."""
+        z_t = batch["z_t"].to(self.device).float()
+        return self.sampler.sample(z_t, batch["caption"], [int(i) for i in batch["index"]]).cpu().numpy()
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps)
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> dict:
+        """evaluate_prior for a batch of val pairs in one process (the figures the export records)."""
+        predicted = np.concatenate(
+            [
+                self.sample_rows({k: v[i : i + 256] for k, v in batch.items()})
+                for i in range(0, len(batch["index"]), 256)
+            ]
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        rows = [
+            {"predicted": p, "z_i": z_i, "z_t": z_t, "scene": s}
+            for p, z_i, z_t, s in zip(
+                predicted, batch["z_i"].float().numpy(), batch["z_t"].float().numpy(), batch["scene"]
+            )
+        ]
+        return metrics_of(rows)
+
+
+def metrics_of(rows: list[dict]) -> dict:
+    """evaluate_prior over rows of {predicted, z_i, z_t, scene}."""
+    scenes = [r["scene"] for r in rows]
+    scenes = scenes if all(s is not None for s in scenes) else None
+    stack = lambda key: np.stack([r[key] for r in rows])  # noqa: E731
+    return evaluate_prior(stack("predicted"), stack("z_i"), stack("z_t"), scenes)
 
 
 def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scenes: list | None = None) -> dict:
@@ -193,13 +172,14 @@ SCENE_COLUMNS = (
 
 
 def to_batch(rows: list[dict]) -> dict:
-    """Embedding rows → a batch: z_i and z_t as (B, D) tensors, keys and captions as lists."""
+    """Embedding rows → a batch: z_i and z_t as (B, D) tensors, keys, captions, scenes and indices as lists."""
     return {
         "z_i": torch.from_numpy(np.stack([r["image_embedding"] for r in rows])),
         "z_t": torch.from_numpy(np.stack([r["text_embedding"] for r in rows])),
         "key": [r["key"] for r in rows],
         "caption": [r["caption"] for r in rows],
         "scene": [r.get("scene") for r in rows],
+        "index": [r.get("index") for r in rows],  # a val pair's position among all val pairs (its seed)
     }
 
 
@@ -211,14 +191,16 @@ class PriorDataModule(L.LightningDataModule):
     def __init__(
         self,
         embeddings_dir: str,
+        *,
+        seed: int,
         batch_size: int = 256,
         num_workers: int = 0,
-        seed: int = 0,
         shuffle_buffer: int = 4096,
         val_pairs: int = 1000,
         val_split: str = "val",
     ):
         super().__init__()
+        check_val_split(val_split)
         self.embeddings_dir, self.batch_size, self.num_workers = embeddings_dir, batch_size, num_workers
         self.seed, self.shuffle_buffer, self.val_pairs, self.val_split = seed, shuffle_buffer, val_pairs, val_split
 
@@ -250,7 +232,7 @@ class PriorDataModule(L.LightningDataModule):
             for row in read_parquet_range(shard, 0, shard.count, self.COLUMNS + present):
                 row["scene"] = "|".join(str(row.pop(c)) for c in present) if present else None
                 rows.append(row)
-        return rows[: self.val_pairs]
+        return [dict(row, index=i) for i, row in enumerate(rows[: self.val_pairs])]
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_rows(), batch_size=500, collate_fn=to_batch)

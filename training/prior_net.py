@@ -2,9 +2,9 @@
 
 Sequence, in order: [text token encodings (optional, T), z_t, timestep embedding, x_t (noised z_i),
 learned query]; causal attention, so the query sees everything before it; the output at the query
-is x_0, the clean image embedding (trained with MSE on x_0). Dropping the text (classifier-free
-guidance) swaps z_t for a learned null vector and every token for a learned null token; padding
-tokens are null tokens too, so no attention row is ever fully masked.
+is x_0, the clean image embedding (trained with MSE on x_0). The network knows nothing of dropped
+captions: the caller passes the empty caption's encodings in their place (training/conditioning.py).
+Padding tokens are replaced by a learned null token, so no attention row is ever fully masked.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def timestep_embedding(t: torch.Tensor, width: int, max_period: float = 10_000.0
 
 
 class DiffusionPrior(nn.Module):
-    """x_0 = prior(x_t, t, z_t, text_tokens, token_mask, drop_text)."""
+    """x_0 = prior(x_t, t, z_t, text_tokens, token_mask)."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -50,7 +50,6 @@ class DiffusionPrior(nn.Module):
         self.in_noised = nn.Linear(c.dim, c.width)
         self.in_tokens = nn.Linear(c.text_token_width, c.width) if c.text_token_width else None
         self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
-        self.null_text = nn.Parameter(torch.zeros(c.width))
         self.null_token = nn.Parameter(torch.zeros(c.width)) if c.text_token_width else None
         self.query = nn.Parameter(torch.randn(c.width) * 0.02)
         tokens = (c.max_text_tokens if c.text_token_width else 0) + 4
@@ -68,15 +67,11 @@ class DiffusionPrior(nn.Module):
         z_t: torch.Tensor,
         text_tokens: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
-        drop_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_t, z_t: (B, D); t: (B,); text_tokens: (B, T, W); token_mask: (B, T) True = real; drop_text: (B,) bool."""
+        """x_t, z_t: (B, D); t: (B,); text_tokens: (B, T, W) with T <= max_text_tokens; token_mask: (B, T) True = real."""
         b = x_t.shape[0]
-        text = self.in_text(z_t)  # (B, width)
-        if drop_text is not None:
-            text = torch.where(drop_text[:, None], self.null_text.expand_as(text), text)
         parts = [
-            text,
+            self.in_text(z_t),
             self.time_mlp(timestep_embedding(t, self.config.width)),
             self.in_noised(x_t),
             self.query.expand(b, -1),
@@ -86,14 +81,8 @@ class DiffusionPrior(nn.Module):
             if text_tokens is None:
                 raise ValueError("this prior was built with text_token_width > 0: pass text_tokens")
             tokens = self.in_tokens(text_tokens)  # (B, T, width)
-            keep = (
-                token_mask
-                if token_mask is not None
-                else torch.ones(tokens.shape[:2], dtype=torch.bool, device=x_t.device)
-            )
-            if drop_text is not None:
-                keep = keep & ~drop_text[:, None]
-            tokens = torch.where(keep[..., None], tokens, self.null_token.expand_as(tokens))
+            if token_mask is not None:
+                tokens = torch.where(token_mask[..., None], tokens, self.null_token.expand_as(tokens))
             sequence = torch.cat([tokens, sequence], dim=1)
         sequence = sequence + self.position[-sequence.shape[1] :]
         causal = torch.triu(torch.ones(sequence.shape[1], sequence.shape[1], dtype=torch.bool, device=x_t.device), 1)

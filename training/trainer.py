@@ -6,7 +6,9 @@ continues mid-epoch with the very next batch (see training/streaming.py).
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +16,10 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from embeddings.config import ConfigError
 from embeddings.hardware import bf16_is_fast
+from training.diffusion import stream
+from training.export import FORMAT, attention_layout, check_layout
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -117,7 +122,8 @@ def ema_update(ema: torch.nn.Module, live: torch.nn.Module, step: int, decay: fl
 
 
 class StreamingModule(L.LightningModule):
-    """Base of the trainers: counts batches for the data position, stops on a non-finite loss."""
+    """Base of the trainers: counts batches for the data position, stops on a non-finite loss, seeds each
+    step's draws, and records the network's attention layout in checkpoints (refusing another on resume)."""
 
     def __init__(self):
         super().__init__()
@@ -145,8 +151,61 @@ class StreamingModule(L.LightningModule):
             )
         return loss
 
+    def step_generator(self) -> torch.Generator:
+        """The draws of this training step (timesteps, noise, dropout): the stream of (seed, step, rank), so a
+        resumed run draws what it would have drawn."""
+        return stream(self.hparams.seed, "train", self.global_step, self.global_rank, device=self.device)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["data_position"] = {"epoch": self.current_epoch, "batches": self.epoch_batches}
+        if hasattr(self, "net"):
+            checkpoint["format"], checkpoint["layout"] = FORMAT, attention_layout(self.net)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before the weights load: refuse a checkpoint of another format or attention layout."""
+        if hasattr(self, "net"):
+            if checkpoint.get("format") != FORMAT:
+                raise ConfigError(
+                    f"the checkpoint is format {checkpoint.get('format', 1)}, this code reads format {FORMAT}: "
+                    "start the run afresh (SET=resume=never, or delete its checkpoints/)"
+                )
+            check_layout(self.net, checkpoint.get("layout"), "the checkpoint")
         self.resume_position = checkpoint.get("data_position")
+
+
+def gather(rows: list) -> list:
+    """Every rank's `rows`, concatenated in rank order (this rank's alone outside distributed runs)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(rows)
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(rows))
+    return [row for part in parts for row in part]
+
+
+class DiffusionModule(StreamingModule):
+    """What the prior, decoder and upsampler trainers share: the network and its EMA copy (what evaluation,
+    sampling and export use), AdamW with warm-up and cosine decay, and the export record."""
+
+    kind: str  # prior, decoder, upsampler: the export's file name and config section
+
+    def init_nets(self, net: torch.nn.Module) -> None:
+        self.net = net
+        self.ema = copy.deepcopy(net).requires_grad_(False)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, hp.max_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def export_config(self, metrics: dict | None = None) -> dict:
+        """The export's config.json (less what save_export adds): sizes, hyperparameters with the resolved
+        sampling defaults, metrics."""
+        hparams = {k: v for k, v in self.hparams.items() if k not in (self.kind, "clip")}
+        hparams["sampling"] = asdict(self.sampler.sampling)
+        return {self.kind: self.config.to_dict(), "hparams": hparams, "metrics": metrics or {}}

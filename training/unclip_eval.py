@@ -129,7 +129,7 @@ def evaluate(
     from tqdm import tqdm
 
     from pipelines.data_config import load_data_config
-    from training.decoder_job import load_decoder
+    from training.export import load_decoder
     from training.generate import UnCLIP
 
     layout = load_data_config(data, [f"data_root={data_root}"] if data_root else None).layout
@@ -140,14 +140,17 @@ def evaluate(
     systems = {"unclip": UnCLIP(full.encoder, full.decoder, full.prior, full.upsampler, upsampler_embedding=False)}
     if (Path(models) / baseline / "config.json").is_file():
         systems["glide_like"] = UnCLIP(
-            full.encoder, load_decoder(Path(models) / baseline, full.encoder.checksum), None, full.upsampler
+            full.encoder,
+            load_decoder(Path(models) / baseline, full.encoder.checksum, full.encoder),
+            None,
+            full.upsampler,
         )
     else:
         print(
             f"no baseline decoder in {Path(models) / baseline}: run `make train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml`"
         )
     sets = {split: eval_rows(layout.embeddings, split, captions, seed) for split in ("val", "heldout")}
-    default_scale = float(full.decoder.hparams.guidance_scale)
+    default_scale = float(full.decoder.sampling.guidance_scale)
     scales = sorted(set(map(float, guidance_scales)) | {default_scale})
     results = []
     jobs = [(s, g, split) for s in systems for g in scales for split in sets]

@@ -1,0 +1,242 @@
+"""The diffusion core, tested on its own: the sampler's arithmetic, guidance, the random streams, the
+prior's causal mask and dropped condition, best-of-N, EMA, the learning-rate schedule, slerp, blur."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.conditioning import Caption, FrozenText, drop_caption
+from training.decoder import gaussian_blur
+from training.decoder_net import Decoder, DecoderConfig
+from training.diffusion import PURPOSES, ddim_sample, guided, noise_schedule, seeded_noise, stream
+from training.generate import slerp
+from training.prior_net import DiffusionPrior, PriorConfig
+from training.samplers import DecoderSampler, PriorSampler, best_of, step_generators
+from training.trainer import ema_update, warmup_cosine
+
+PREDICTIONS = ("sample", "epsilon", "v_prediction")
+
+
+def perfect(x_0: torch.Tensor, prediction_type: str):
+    """A denoiser that knows x_0: returns exactly the output of the given type for any x_t."""
+    alphas = noise_schedule().alphas_cumprod
+
+    def denoise(x_t, t):
+        a = alphas[t].view(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
+        eps = (x_t - a.sqrt() * x_0) / (1 - a).sqrt()
+        return {"sample": x_0, "epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x_0}[prediction_type]
+
+    return denoise
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_ddim_with_a_perfect_denoiser_returns_x0(prediction_type, clip_sample):
+    """eta 0: the path keeps the starting noise ε, and the last step lands on t = 0 of the schedule,
+    x = √ᾱ_0·x_0 + √(1−ᾱ_0)·ε exactly (ᾱ_0 = 1 − 4e-5); eta 1 lands within a few hundredths of x_0."""
+    x_0 = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
+    noise = seeded_noise([0, 1, 2, 3], (3, 5, 5), "decoder_start")
+    a_0 = noise_schedule().alphas_cumprod[0]
+    out = ddim_sample(perfect(x_0, prediction_type), noise, 8, prediction_type, clip_sample)
+    torch.testing.assert_close(out, a_0.sqrt() * x_0 + (1 - a_0).sqrt() * noise, atol=2e-5, rtol=0)
+    generators = step_generators([0, 1, 2, 3], "decoder_step")
+    ancestral = ddim_sample(perfect(x_0, prediction_type), noise, 8, prediction_type, clip_sample, 1.0, generators)
+    assert (ancestral - x_0).abs().max() < 0.05
+
+
+def test_clipping_rederives_the_noise_from_the_clipped_x0():
+    """GLIDE/ADM: with x̂_0 clipped, ε̂ = (x_t − √ᾱ_t·clip(x̂_0)) / √(1−ᾱ_t). A denoiser that always says
+    x̂_0 = 3 then walks a consistent path: the output is √ᾱ_0·1 + √(1−ᾱ_0)·ε̂ of the first step. With ε̂
+    from the unclipped x̂_0 each later step would pull the noise estimate off by about 2√(ᾱ/(1−ᾱ))."""
+    x_T = seeded_noise([5], (3, 4, 4), "decoder_start")
+    alphas = noise_schedule().alphas_cumprod
+    out = ddim_sample(lambda x, t: torch.full_like(x, 3.0), x_T, 4, "sample", clip_sample=True)
+    eps = (x_T - alphas[999].sqrt()) / (1 - alphas[999]).sqrt()
+    torch.testing.assert_close(out, alphas[0].sqrt() + (1 - alphas[0]).sqrt() * eps, atol=1e-5, rtol=0)
+
+
+def test_eta0_is_deterministic_and_eta1_draws_only_from_the_samples_own_streams():
+    net = Decoder(
+        DecoderConfig(
+            image_size=8, dim=8, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8, norm_groups=4
+        )
+    )
+    z = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    sampler = DecoderSampler(net.eval(), FrozenText(), "v_prediction", sampling={"steps": 3, "eta": 0.0})
+    torch.testing.assert_close(sampler.sample(z, [4, 5, 6]), sampler.sample(z, [4, 5, 6]), atol=0, rtol=0)
+    sampler.sampling.eta = 1.0
+    batch = sampler.sample(z, [4, 5, 6])
+    torch.testing.assert_close(sampler.sample(z[[2, 0]], [6, 4]), batch[[2, 0]], atol=1e-5, rtol=0)
+    assert not torch.allclose(sampler.sample(z[:1], [7]), batch[:1], atol=1e-3)
+
+
+def test_streams_of_seeds_and_purposes_are_independent():
+    """Every (seed, purpose) stream, and a sampler's per-step stream of one seed against the starting noise
+    of another (the old scheme reused seed 2s+1), is uncorrelated: |r| below 5 standard errors."""
+    n = 20_000
+    draws = {(s, p): torch.randn(n, generator=stream(s, p)) for s in range(4) for p in PURPOSES}
+    for s in range(4):
+        draws[(s, "step")] = torch.randn(n, generator=step_generators([s], "decoder_step")[0])
+    draws[(9, "start")] = seeded_noise([9], (n,), "decoder_start")[0]
+    keys = list(draws)
+    matrix = np.corrcoef(torch.stack([draws[k] for k in keys]).numpy())
+    off_diagonal = np.abs(matrix[~np.eye(len(keys), dtype=bool)])
+    assert off_diagonal.max() < 5 / math.sqrt(n)
+    torch.testing.assert_close(torch.randn(n, generator=stream(3, "prior_start")), draws[(3, "prior_start")])
+    with pytest.raises(ValueError, match="non-negative"):
+        stream(-1, "train")
+
+
+def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_output():
+    cond, uncond = torch.randn(2, 5), torch.randn(2, 5)
+    torch.testing.assert_close(guided(cond, uncond, 1.0), cond)
+    torch.testing.assert_close(guided(cond, uncond, 0.0), uncond)
+    torch.testing.assert_close(guided(cond, uncond, 3.0), uncond + 3 * (cond - uncond))
+    net = Decoder(
+        DecoderConfig(
+            image_size=8, dim=8, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8, norm_groups=4
+        )
+    ).eval()
+    sampler = DecoderSampler(net, FrozenText(), "v_prediction", sampling={"steps": 3})
+    z = F.normalize(torch.randn(2, 8), dim=-1)
+    unconditional = sampler.sample(torch.zeros_like(z), [0, 1], guidance_scale=1.0)
+    torch.testing.assert_close(sampler.sample(z, [0, 1], guidance_scale=0.0), unconditional, atol=1e-5, rtol=0)
+
+
+def tiny_prior(tokens: bool = True) -> DiffusionPrior:
+    config = PriorConfig(dim=8, width=16, depth=2, heads=2, text_token_width=6 if tokens else 0, max_text_tokens=5)
+    torch.manual_seed(0)
+    return DiffusionPrior(config).eval()
+
+
+def test_prior_attention_is_causal():
+    """Perturbing x_t (second to last in the sequence) leaves the outputs of every earlier position as they
+    were, and changes the query's."""
+    net = tiny_prior()
+    hidden = []
+    net.transformer.register_forward_hook(lambda module, args, out: hidden.append(out))
+    inputs = dict(t=torch.tensor([500, 20]), z_t=torch.randn(2, 8), text_tokens=torch.randn(2, 5, 6))
+    x_t = torch.randn(2, 8)
+    net(x_t=x_t, **inputs)
+    net(x_t=x_t + 1.0, **inputs)
+    before, after = hidden
+    torch.testing.assert_close(after[:, :-2], before[:, :-2], atol=1e-6, rtol=0)
+    assert not torch.allclose(after[:, -1], before[:, -1])
+
+
+def test_a_dropped_caption_is_the_empty_caption_whatever_the_caption_was(tiny_clip_dir):
+    text = FrozenText("clip", {"model": str(tiny_clip_dir)})
+    encoder = text.encoder()
+    empty = text.empty("cpu")
+    torch.testing.assert_close(empty.z_t, encoder.encode_texts([""]))
+    tokens, mask = encoder.encode_text_tokens([""])
+    torch.testing.assert_close(empty.tokens, tokens)
+    assert torch.equal(empty.mask, mask) and int(mask.sum()) == 2  # start and end tokens
+    captions = ["a large red circle at the top left", "a small blue square"]
+    caption = Caption(encoder.encode_texts(captions).clone(), *text.tokens(captions, "cpu"))
+    drop = torch.tensor([True, False])
+    dropped = drop_caption(caption, drop, empty)
+    torch.testing.assert_close(dropped.z_t[0], empty.z_t[0])
+    torch.testing.assert_close(dropped.tokens[1], caption.tokens[1])
+    width, length = text.width()
+    net = DiffusionPrior(
+        PriorConfig(dim=32, width=16, depth=1, heads=2, text_token_width=width, max_text_tokens=length)
+    )
+    x_t, t = torch.randn(1, 32).expand(2, -1), torch.tensor([300, 300])
+    everything = drop_caption(caption, torch.ones(2, dtype=torch.bool), empty)
+    out = net.eval()(x_t, t, everything.z_t, everything.tokens, everything.mask)
+    torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=0)
+    out = net(x_t, t, caption.z_t, caption.tokens, caption.mask)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_a_captionless_decoder_call_sees_exactly_the_dropped_caption(tiny_clip_dir):
+    """Image variations (no caption) condition on what training put in place of a dropped caption."""
+    text = FrozenText("clip", {"model": str(tiny_clip_dir)})
+    width, _ = text.width()
+    net = Decoder(
+        DecoderConfig(
+            image_size=8,
+            dim=32,
+            channels=[8, 16],
+            layers_per_block=1,
+            head_width=8,
+            context_width=8,
+            norm_groups=4,
+            text_token_width=width,
+        )
+    )
+    sampler = DecoderSampler(net.eval(), text, "v_prediction")
+    captionless = sampler.caption(None, 3, "cpu")
+    trained = drop_caption(
+        sampler.caption(["a red circle"] * 3, 3, "cpu"), torch.ones(3, dtype=torch.bool), text.empty("cpu")
+    )
+    torch.testing.assert_close(captionless.tokens, trained.tokens)
+    assert torch.equal(captionless.mask, trained.mask)
+
+
+def test_best_of_n_keeps_each_prompts_candidate_nearest_its_text_embedding():
+    z_t = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(2)), dim=-1)
+    candidates = F.normalize(torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(3)), dim=-1)
+    chosen = best_of(candidates, z_t)
+    for b in range(3):
+        scores = candidates[b] @ z_t[b]
+        torch.testing.assert_close(chosen[b], candidates[b, int(scores.argmax())])
+    sampler = PriorSampler(tiny_prior(tokens=False), FrozenText(), {"steps": 3, "candidates": 4})
+    captions = ["a", "b", "c"]
+    all_candidates = sampler.candidates(z_t, captions, [0, 1, 2])
+    assert all_candidates.shape == (3, 4, 8)
+    torch.testing.assert_close(sampler.sample(z_t, captions, [0, 1, 2]), best_of(all_candidates, z_t))
+
+
+def test_ema_update_moves_towards_the_live_weights_at_the_warmed_up_decay():
+    ema, live = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, live, step=0, decay=0.999)  # warm-up: decay (1 + 0) / (10 + 0) = 0.1
+    for e, b, p in zip(ema.parameters(), before, live.parameters()):
+        torch.testing.assert_close(e, 0.1 * b + 0.9 * p)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, live, step=100_000, decay=0.999)
+    for e, b, p in zip(ema.parameters(), before, live.parameters()):
+        torch.testing.assert_close(e, 0.999 * b + 0.001 * p)
+
+
+def test_warmup_then_cosine_decay_to_the_floor():
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert warmup_cosine(110, 10, 110) == pytest.approx(0.05)
+    assert warmup_cosine(500, 10, 110) == pytest.approx(0.05)
+
+
+def test_slerp_ends_on_its_endpoints_stays_on_the_sphere_and_halves_the_angle():
+    a, b = F.normalize(torch.randn(2, 6, generator=torch.Generator().manual_seed(4)), dim=-1)
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    torch.testing.assert_close(path[0], a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(path[-1], b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(path.norm(dim=-1), torch.ones(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(path[2], F.normalize(a + b, dim=-1), atol=1e-6, rtol=0)  # θ = 0.5: the bisector
+    angles = torch.arccos((path[:-1] * path[1:]).sum(-1))
+    torch.testing.assert_close(angles, angles[:1].expand(4), atol=1e-5, rtol=0)  # equal steps along the arc
+
+
+def test_gaussian_blur_keeps_flat_images_and_the_mean_and_sigma_zero_is_the_identity():
+    images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    flat = torch.full((1, 3, 12, 12), 0.3)
+    torch.testing.assert_close(gaussian_blur(flat, torch.tensor([0.8])), flat)
+    blurred = gaussian_blur(images, torch.tensor([0.8, 0.5]))
+    torch.testing.assert_close(blurred.mean((2, 3)), images.mean((2, 3)), atol=0.01, rtol=0)
+    assert blurred.std() < images.std()
+    torch.testing.assert_close(gaussian_blur(images, torch.zeros(2)), images, atol=1e-6, rtol=0)
+
+
+def test_the_schedule_runs_from_almost_clean_to_almost_pure_noise():
+    alphas = noise_schedule().alphas_cumprod
+    assert len(alphas) == 1000 and bool((alphas[1:] < alphas[:-1]).all())
+    assert 0.9999 < float(alphas[0]) < 1.0 and float(alphas[-1]) < 1e-4
