@@ -431,3 +431,19 @@ def test_tiny_decoder_trains_with_clip_text_tokens(tiny_embed, tmp_path):
     z = torch.nn.functional.normalize(torch.randn(2, decoder.config.dim), dim=-1)
     with_caption = decoder.sample(z, [0, 1], ["a red circle", "a blue square"], steps=3)
     assert not torch.allclose(with_caption, decoder.sample(z, [0, 1], steps=3))
+
+
+def test_exports_load_and_sample_without_lightning(trained):
+    """Generation reads exports with torch, diffusers and open_clip alone: Lightning is never imported."""
+    root, _, _ = trained
+    script = (
+        "import sys\n"
+        "from training.generate import UnCLIP\n"
+        f"model = UnCLIP.load({str(root / 'models' / 'tiny')!r})\n"
+        "images = model.text_to_image(['a red circle'], n=1, steps=2, upsampler_steps=2)\n"
+        "assert images.shape == (1, 32, 32, 3), images.shape\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'ray')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
