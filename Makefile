@@ -93,9 +93,9 @@ data: setup ## render the synthetic source: data/<name>/urls.parquet and source/
 download: setup ## download the config's URL list with img2dataset on Ray into data/<name>/shards/
 	$(PY) -m $(JOB_download) $(SET_OPTS)
 
-ingest: setup ## shard a local folder of images with <stem>.txt captions: FOLDER=path [NAME=name]
+ingest: setup ## shard a local folder of images with <stem>.txt captions: FOLDER=path [NAME=name SET="image_size=128 ..."]
 	@test -n "$(FOLDER)" || { echo "usage: make ingest FOLDER=path/to/images [NAME=name]"; exit 2; }
-	$(PY) -m pipelines ingest --folder "$(FOLDER)" $(if $(NAME),--name "$(NAME)")
+	$(PY) -m pipelines ingest --folder "$(FOLDER)" $(if $(NAME),--name "$(NAME)") $(SET_OPTS)
 
 embed: setup ## CLIP-embed the shards into data/<name>/embeddings/ (default CLIP: models/synthetic/clip)
 	$(PY) -m $(JOB_embed) $(SET_OPTS)

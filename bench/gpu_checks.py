@@ -114,6 +114,7 @@ def embed_checks(work: Path, n: int = 4096, batch: int = 256) -> dict:
 
 def prior_check(batch: int = 512, steps: int = 20) -> dict:
     from training.conditioning import Caption, drop_caption
+    from training.diffusion import noise_schedule
     from training.prior_net import DiffusionPrior, PriorConfig
 
     torch.manual_seed(0)
@@ -124,7 +125,7 @@ def prior_check(batch: int = 512, steps: int = 20) -> dict:
     z_t = F.normalize(torch.randn(batch, 768, device="cuda"), dim=-1)
     tokens = torch.randn(batch, 77, 768, device="cuda")
     empty = Caption(torch.zeros(1, 768, device="cuda"), torch.zeros(1, 77, 768, device="cuda"))  # stands in for ""
-    alphas = torch.cos((torch.arange(1000, device="cuda") / 1000 + 0.008) / 1.008 * torch.pi / 2) ** 2
+    alphas = noise_schedule().alphas_cumprod.cuda()
 
     def step():
         t = torch.randint(0, 1000, (batch,), device="cuda")

@@ -139,16 +139,23 @@ class ClipEncoder:
         z = self.model.encode_text(self.tokenizer(texts).to(self.device))
         return F.normalize(z.float(), dim=-1).cpu()
 
+    def to(self, device: torch.device | str) -> ClipEncoder:
+        """This encoder, its weights moved to `device` (they keep their dtype)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
     @torch.inference_mode()
     def encode_text_tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token encodings of the text tower's last layer (B, T, W) and a mask of real tokens (B, T)."""
+        """Per-token encodings of the text tower's last layer (B, T, W) and a mask of real tokens (B, T), on
+        the encoder's device (a trainer on a GPU uses them there)."""
         tokens = self.tokenizer(texts).to(self.device)
         m = self.model
         if not hasattr(m, "token_embedding"):
             raise ValueError(f"{self.spec.model}: per-token encodings need open_clip's built-in text tower")
         x = m.token_embedding(tokens).to(self.dtype) + m.positional_embedding.to(self.dtype)
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
-        return x.float().cpu(), (tokens != 0).cpu()
+        return x.float(), tokens != 0
 
 
 def load_encoder(spec: EncoderSpec | dict | None = None) -> ClipEncoder:

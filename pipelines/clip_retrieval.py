@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from embeddings import storage, store
 from embeddings.config import ConfigError
+from pipelines.download import shard_split
 
 SUBFOLDERS = {"image_embedding": ("img_emb", "img_emb"), "text_embedding": ("text_emb", "text_emb")}
 
@@ -64,12 +65,18 @@ def _numbered(folder, prefix: str, suffix: str) -> dict[int, Path]:
 
 
 def import_clip_retrieval(
-    source_dir: str | Path, output_dir: str | Path, *, encoder: dict | None = None, dtype: str = "float16"
+    source_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    encoder: dict | None = None,
+    dtype: str = "float16",
+    val_fraction: float = 0.01,
 ) -> dict:
     """Turn a clip-retrieval folder into embedding shards + manifest; returns the manifest.
 
-    `encoder` describes the CLIP that made the embeddings (model, checksum); give the same CLIP
-    the prior will be checked against. Vectors are L2-normalised again on the way in.
+    `encoder` describes the CLIP that made the embeddings (model, weights; the trainers encode the
+    empty caption and text tokens with it). Vectors are L2-normalised again on the way in. Metadata
+    without a `split` column gets one by part number, as a URL list without one does (`shard_split`).
     """
     source_dir, output_dir = storage.as_path(source_dir), storage.as_path(output_dir)
     images = _numbered(source_dir / "img_emb", "img_emb", ".npy")
@@ -97,6 +104,12 @@ def import_clip_retrieval(
             meta = meta.append_column("key", pa.array([f"{n:05d}{r:06d}" for r in range(meta.num_rows)]))
         if "caption" not in meta.column_names:
             raise ConfigError(f"{source_dir}: metadata_{n}.parquet has no caption column")
+        if "split" not in meta.column_names:
+            if len(images) < 2:
+                raise ConfigError(
+                    f"{source_dir}: one part without a split column cannot be split into train and val by part"
+                )
+            meta = meta.append_column("split", pa.array([shard_split(n, val_fraction)] * meta.num_rows))
         z_i /= np.linalg.norm(z_i, axis=1, keepdims=True).clip(1e-12)
         z_t /= np.linalg.norm(z_t, axis=1, keepdims=True).clip(1e-12)
         table = pa.table(

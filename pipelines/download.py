@@ -65,20 +65,25 @@ def check_shard_splits(table: pa.Table, samples_per_shard: int) -> None:
             )
 
 
-def shard_splits(rows: int, samples_per_shard: int, val_fraction: float) -> list[str]:
-    """A split per row for a URL list without one, assigned by shard: shards 0, k, 2k, ... are val with
+def shard_split(shard: int, val_fraction: float) -> str:
+    """The split of shard number `shard` in data without a split column: shards 0, k, 2k, ... are val with
     k = round(1 / val_fraction) (at least 2), the rest train. By shard because shards are what trainers
-    select and stream; stable as the list grows, since a shard's split depends on its number alone."""
+    select and stream; by number, so a shard keeps its split as the data grows."""
     if not 0 < val_fraction < 1:
-        raise ConfigError(f"download.val_fraction {val_fraction}: use a fraction between 0 and 1, e.g. 0.01")
+        raise ConfigError(f"val_fraction {val_fraction}: use a fraction between 0 and 1, e.g. 0.01")
+    return "val" if shard % max(2, round(1 / val_fraction)) == 0 else "train"
+
+
+def shard_splits(rows: int, samples_per_shard: int, val_fraction: float) -> list[str]:
+    """A split per row of a URL list without one (`shard_split` of the shard each row lands in)."""
     shards = -(-rows // samples_per_shard)
     if shards < 2:
         raise ConfigError(
             f"the URL list's {rows} rows fill {shards} shard of {samples_per_shard}: a split by shard needs two or "
             "more; lower samples_per_shard or give the list a `split` column (train / val)"
         )
-    every = max(2, round(1 / val_fraction))
-    return ["val" if (row // samples_per_shard) % every == 0 else "train" for row in range(rows)]
+    by_shard = [shard_split(shard, val_fraction) for shard in range(shards)]
+    return [by_shard[row // samples_per_shard] for row in range(rows)]
 
 
 def _is_relative(url: str) -> bool:

@@ -155,29 +155,70 @@ def test_a_dropped_caption_is_the_empty_caption_whatever_the_caption_was(tiny_cl
     assert not torch.allclose(out[0], out[1])
 
 
-def test_a_captionless_decoder_call_sees_exactly_the_dropped_caption(tiny_clip_dir):
-    """Image variations (no caption) condition on what training put in place of a dropped caption."""
+def test_a_captionless_decoder_call_sees_what_training_puts_in_place_of_a_dropped_caption(tiny_clip_dir):
+    """Image variations (no caption) give the network the very text tokens and mask that a training step
+    gives it for a dropped caption, recorded at the network's input."""
+    from training.decoder import DecoderModule
+
+    clip = {"model": str(tiny_clip_dir)}
+    width, _ = FrozenText("clip", clip).width()
+    sizes = dict(image_size=8, dim=32, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8)
+    module = DecoderModule(
+        dict(sizes, norm_groups=4, text_token_width=width), clip, text_tokens="clip", text_drop_prob=1.0
+    )
+    seen = []
+    module.net.register_forward_pre_hook(lambda net, args: seen.append(args[3:5]))
+    module.ema.register_forward_pre_hook(lambda net, args: seen.append(args[3:5]))
+    batch = {"image": torch.zeros(2, 3, 8, 8), "z_i": F.normalize(torch.randn(2, 32), dim=-1), "caption": ["a", "b"]}
+    module.loss(batch, torch.Generator().manual_seed(0), module.net)
+    module.sampler.sample(batch["z_i"], [0, 1], captions=None, steps=1, guidance_scale=1.0)
+    (trained_tokens, trained_mask), (sampled_tokens, sampled_mask) = seen
+    torch.testing.assert_close(sampled_tokens, trained_tokens)
+    assert torch.equal(sampled_mask, trained_mask) and int(trained_mask[0].sum()) == 2  # the start and end of ""
+
+
+def test_guidance_of_the_prior_and_a_text_token_decoder_subtracts_the_dropped_caption(tiny_clip_dir):
+    """At scale 0 the guided samplers return what they return at scale 1 for the dropped condition: the
+    prior for the empty caption (z_t("") and its tokens), the decoder for the zero z and the empty caption."""
     text = FrozenText("clip", {"model": str(tiny_clip_dir)})
-    width, _ = text.width()
+    width, length = text.width()
+    torch.manual_seed(0)
+    prior = DiffusionPrior(
+        PriorConfig(dim=32, width=16, depth=1, heads=2, text_token_width=width, max_text_tokens=length)
+    )
+    sampler = PriorSampler(prior.eval(), text, {"steps": 3, "candidates": 3})
+    captions = ["a large red circle", "a small blue square"]
+    z_t = text.encoder().encode_texts(captions).clone()
+    unguided = sampler.candidates(text.empty("cpu").z_t.expand(2, -1), ["", ""], [0, 1], guidance_scale=1.0)
+    torch.testing.assert_close(
+        sampler.candidates(z_t, captions, [0, 1], guidance_scale=0.0), unguided, atol=1e-5, rtol=0
+    )
+    assert not torch.allclose(sampler.candidates(z_t, captions, [0, 1], guidance_scale=1.0), unguided, atol=1e-3)
+    sizes = dict(image_size=8, dim=32, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8)
+    decoder = Decoder(DecoderConfig(**sizes, norm_groups=4, text_token_width=width)).eval()
+    images = DecoderSampler(decoder, text, "v_prediction", sampling={"steps": 3})
+    z = F.normalize(torch.randn(2, 32), dim=-1)
+    dropped = images.sample(torch.zeros_like(z), [0, 1], None, guidance_scale=1.0)
+    torch.testing.assert_close(images.sample(z, [0, 1], captions, guidance_scale=0.0), dropped, atol=1e-5, rtol=0)
+
+
+def test_image_samplers_clip_x0_and_the_prior_does_not(monkeypatch):
+    """Images live in [-1, 1], so their samplers clip x̂_0 (and re-derive ε̂ from it); embeddings do not."""
+    import training.samplers as samplers
+    from training.decoder_net import Upsampler, UpsamplerConfig
+
+    calls = []
+    monkeypatch.setattr(samplers, "ddim_sample", lambda *a, **k: calls.append(k.get("clip_sample", False)) or a[1])
     net = Decoder(
         DecoderConfig(
-            image_size=8,
-            dim=32,
-            channels=[8, 16],
-            layers_per_block=1,
-            head_width=8,
-            context_width=8,
-            norm_groups=4,
-            text_token_width=width,
+            image_size=8, dim=8, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8, norm_groups=4
         )
     )
-    sampler = DecoderSampler(net.eval(), text, "v_prediction")
-    captionless = sampler.caption(None, 3, "cpu")
-    trained = drop_caption(
-        sampler.caption(["a red circle"] * 3, 3, "cpu"), torch.ones(3, dtype=torch.bool), text.empty("cpu")
-    )
-    torch.testing.assert_close(captionless.tokens, trained.tokens)
-    assert torch.equal(captionless.mask, trained.mask)
+    DecoderSampler(net, FrozenText(), "v_prediction").sample(torch.zeros(1, 8), [0])
+    up = Upsampler(UpsamplerConfig(image_size=16, dim=0, channels=[8, 16], norm_groups=4))
+    samplers.UpsamplerSampler(up, "v_prediction").sample(torch.zeros(1, 3, 4, 4), [0])
+    PriorSampler(tiny_prior(tokens=False), FrozenText(), {"candidates": 1}).candidates(torch.zeros(1, 8), ["a"], [0])
+    assert calls == [True, True, False]
 
 
 def test_best_of_n_keeps_each_prompts_candidate_nearest_its_text_embedding():
@@ -240,3 +281,16 @@ def test_the_schedule_runs_from_almost_clean_to_almost_pure_noise():
     alphas = noise_schedule().alphas_cumprod
     assert len(alphas) == 1000 and bool((alphas[1:] < alphas[:-1]).all())
     assert 0.9999 < float(alphas[0]) < 1.0 and float(alphas[-1]) < 1e-4
+
+
+def test_training_loads_only_the_clip_that_made_the_embeddings(tiny_clip_dir):
+    """The trainers encode captions with the CLIP of the manifest: another checksum, or none named, is refused."""
+    from embeddings.config import ConfigError
+    from training.conditioning import load_clip
+
+    encoder = load_clip({"model": str(tiny_clip_dir)})
+    assert load_clip({"model": str(tiny_clip_dir), "checksum": encoder.checksum}) is encoder  # loaded once
+    with pytest.raises(ConfigError, match="is not the one the embeddings were made with"):
+        load_clip({"model": str(tiny_clip_dir), "checksum": "0" * 64})
+    with pytest.raises(ConfigError, match="manifest names none"):
+        load_clip({"model": None, "checksum": "unknown (imported)"})

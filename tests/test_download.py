@@ -110,11 +110,18 @@ def test_ingest_folder_of_captioned_images(tmp_path, ray_local):
         render(scene, 80).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"a yellow circle number {i}\n")
     render(Scene("black", ()), 80).save(folder / "uncaptioned.png")
-    summary = ingest(tmp_path / "photos", "photos", data_root=tmp_path / "data", image_size=64, samples_per_shard=2)
+    summary = ingest(tmp_path / "photos", "photos", data_root=tmp_path / "data", image_size=64)
     assert summary["successes"] == 4 and summary["skipped_without_caption"] == 1
+    assert summary["shards"] == 4 and summary["by_split"] == {"train": {"successes": 3}, "val": {"successes": 1}}
     rows = sorted(_shard_rows(tmp_path / "data/photos/shards"), key=lambda r: r["caption"])
     assert [r["caption"] for r in rows] == [f"a yellow circle number {i}" for i in range(4)]
     assert all(r["width"] == 64 and r["height"] == 64 for r in rows)  # resized by img2dataset
+
+
+def test_ingest_shards_small_folders_finer_in_an_order_that_spreads_them():
+    from pipelines.ingest import shard_size
+
+    assert [shard_size(n) for n in (4, 95, 1_391, 5_000, 40_000)] == [1, 10, 140, 500, 500]
 
 
 def test_ingest_empty_folder_is_a_clear_error(tmp_path):

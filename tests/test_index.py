@@ -114,8 +114,15 @@ def test_clip_retrieval_import_round_trips(tiny_embed, tmp_path):
         store.arrow_to_vectors(b.column("text_embedding")),
         atol=2e-3,
     )
+    assert a.column("split").equals(b.column("split"))
     for path in (tmp_path / "cr" / "metadata").glob("*.parquet"):
-        pq.write_table(pq.read_table(path).drop_columns(["key"]), path)
+        pq.write_table(pq.read_table(path).drop_columns(["key", "split"]), path)
     with pytest.warns(UserWarning, match="no key column"):
         positional = import_clip_retrieval(tmp_path / "cr", tmp_path / "emb2")
     assert positional["rows"] == manifest["rows"] and positional["encoder"]["checksum"].startswith("unknown")
+    # Metadata without a split (LAION's): split by part number, part 0 val, as a URL list by shard.
+    splits = {
+        store.shard_name(p): set(pq.read_table(p, columns=["split"]).column(0).to_pylist())
+        for p in store.shard_paths(tmp_path / "emb2")
+    }
+    assert len(splits) > 2 and splits.pop("00000") == {"val"} and all(s == {"train"} for s in splits.values())

@@ -59,14 +59,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--to", dest="to_text", required=True)
     p = sub.add_parser("eval", help="unCLIP against the GLIDE-like baseline: accuracy, CLIP score, Fréchet, diversity")
     p.add_argument("--config", default="configs/data/synthetic.yaml", help="data set config")
-    p.add_argument("--models", default="models/synthetic")
-    p.add_argument("--out", default="outputs/eval")
-    p.add_argument("--captions", type=int, default=8, help="captions per set (val, heldout)")
-    p.add_argument("--per-caption", type=int, default=4, help="images drawn per caption (diversity)")
-    p.add_argument("--scales", default="1,1.5,3", help="decoder guidance scales, comma-separated")
-    p.add_argument("--steps", type=int, default=40, help="decoder sampling steps")
-    p.add_argument("--upsampler-steps", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    # Unset options take training.unclip_eval.evaluate's defaults.
+    p.add_argument("--models", help="folder of the exports")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--captions", type=int, help="captions per set (val, heldout)")
+    p.add_argument("--per-caption", type=int, help="images drawn per caption (diversity)")
+    p.add_argument("--scales", help="decoder guidance scales, comma-separated")
+    p.add_argument("--steps", type=int, help="decoder sampling steps")
+    p.add_argument("--upsampler-steps", type=int, help="upsampler sampling steps")
+    p.add_argument("--seed", type=int)
     p.add_argument("--outputs", default="outputs", help="where the training runs' logs are (for the loss plot)")
     p = sub.add_parser("clip-eval", help="zero-shot figures of a data set's embeddings (after make embed)")
     p.add_argument("--config", default="configs/data/synthetic.yaml", help="data set config")
@@ -157,31 +158,31 @@ def _generate(args) -> None:
 
 def _evaluate(args) -> None:
     """make eval: the comparison, then the loss curves of the training runs beside it."""
+    import inspect
     from pathlib import Path
 
     from training.unclip_eval import evaluate, main_summary, plot_losses
 
-    scales = tuple(float(x) for x in args.scales.split(",") if x.strip())
-    summary = evaluate(
-        args.config,
-        args.models,
-        args.out,
-        captions=args.captions,
-        per_caption=args.per_caption,
-        guidance_scales=scales,
-        steps=args.steps,
-        upsampler_steps=args.upsampler_steps,
-        seed=args.seed,
-    )
-    name = Path(args.models).name
+    defaults = {n: p.default for n, p in inspect.signature(evaluate).parameters.items()}
+    models, out = args.models or defaults["models"], args.out or defaults["out_dir"]
+    given = {
+        "captions": args.captions,
+        "per_caption": args.per_caption,
+        "guidance_scales": tuple(float(x) for x in args.scales.split(",") if x.strip()) if args.scales else None,
+        "steps": args.steps,
+        "upsampler_steps": args.upsampler_steps,
+        "seed": args.seed,
+    }
+    summary = evaluate(args.config, models, out, **{k: v for k, v in given.items() if v is not None})
+    name = Path(models).name
     runs = {
         kind: Path(args.outputs) / f"train-{kind}-{name}" for kind in ("prior", "decoder", "upsampler", "decoder-text")
     }
-    losses = plot_losses(runs, Path(args.out) / "losses.png")
+    losses = plot_losses(runs, Path(out) / "losses.png")
     print(main_summary(summary))
     print(
-        f"\nmetrics: {Path(args.out) / 'metrics.json'}  table: {Path(args.out) / 'table.md'}  plots: "
-        f"{Path(args.out) / 'guidance.png'}{'  ' + str(losses) if losses else ''}  grids: {Path(args.out)}/samples-*.png"
+        f"\nmetrics: {Path(out) / 'metrics.json'}  table: {Path(out) / 'table.md'}  plots: "
+        f"{Path(out) / 'guidance.png'}{'  ' + str(losses) if losses else ''}  grids: {Path(out)}/samples-*.png"
     )
 
 

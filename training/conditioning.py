@@ -10,10 +10,13 @@ Classifier-free guidance trains each model with its condition sometimes dropped 
   published prior or decoder and ours agree on what guidance subtracts, and a caption-less call
   (image variations) is exactly the dropped condition the model learned.
 - **A dropped CLIP embedding is the zero vector** (the decoder's z_i, the baseline's z_t, the
-  upsampler's z_i).
+  upsampler's z_i). Karlo's decoder drops z_i to a learned vector instead
+  (`UnCLIPTextProjModel.learned_classifier_free_guidance_embeddings`): mapping its weights maps that.
 
-The CLIP is loaded on first use (or given), kept outside the modules' parameters (never in a
-checkpoint or an export), run in fp32, and its outputs are ordinary tensors that training may use.
+The CLIP is the one the embeddings were made with (its manifest record; a checksum that differs is
+refused), loaded once per process, kept outside the modules' parameters (never in a checkpoint or
+an export), and its outputs are ordinary tensors that training may use. Token encodings run in the
+precision of the surrounding autocast (bf16 under bf16-mixed); the empty caption is encoded in fp32.
 """
 
 from __future__ import annotations
@@ -22,7 +25,33 @@ from dataclasses import dataclass
 
 import torch
 
+from embeddings.config import ConfigError
+
 TEXT_TOKEN_MODES = ("none", "clip")
+_ENCODERS: dict[tuple, object] = {}  # one loaded CLIP per spec in a process (jobs, modules and samplers share it)
+
+
+def load_clip(clip: dict):
+    """The CLIP of a manifest's encoder record (model, weights, pretrained; checksum checked when known)."""
+    from embeddings.encoders import load_encoder
+
+    spec = {k: clip[k] for k in ("model", "weights", "pretrained") if clip.get(k) is not None}
+    if not spec.get("model"):
+        raise ConfigError(
+            "the captions are encoded by the CLIP that made the embeddings, and their manifest names none: "
+            "set embed.encoder in the data config (make embed records it; make import-clip-retrieval takes it)"
+        )
+    key = tuple(sorted(spec.items()))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = load_encoder(dict(spec, precision="fp32", device="cpu"))
+    encoder = _ENCODERS[key]
+    recorded = clip.get("checksum")
+    if recorded and not str(recorded).startswith("unknown") and recorded != encoder.checksum:
+        raise ConfigError(
+            f"the CLIP at {spec['model']} (checksum {encoder.checksum[:12]}…) is not the one the embeddings "
+            f"were made with ({str(recorded)[:12]}…)"
+        )
+    return encoder
 
 
 @dataclass
@@ -32,6 +61,15 @@ class Caption:
     z_t: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+
+    def map(self, fn) -> Caption:
+        """`fn` applied to each present part (row-wise operations: repeat, expand, index)."""
+        return Caption(*(None if v is None else fn(v) for v in (self.z_t, self.tokens, self.mask)))
+
+    def cat(self, other: Caption) -> Caption:
+        """This batch's rows, then `other`'s (guidance runs both halves in one forward pass)."""
+        parts = zip((self.z_t, self.tokens, self.mask), (other.z_t, other.tokens, other.mask))
+        return Caption(*(None if a is None else torch.cat([a, b]) for a, b in parts))
 
 
 class FrozenText:
@@ -47,14 +85,11 @@ class FrozenText:
         self._empty: dict[str, Caption] = {}
 
     def encoder(self, device: torch.device | str = "cpu"):
-        """The CLIP named by `clip` (model, weights or pretrained), loaded once in fp32."""
+        """The CLIP (given, or named by `clip`), on `device`."""
         if self._encoder is None:
-            from embeddings.encoders import load_encoder
-
-            spec = {k: self.clip[k] for k in ("model", "weights", "pretrained") if self.clip.get(k) is not None}
-            if not spec:
-                raise ValueError("the caption condition needs the CLIP the embeddings were made with: none was named")
-            self._encoder = load_encoder(dict(spec, precision="fp32", device=str(device)))
+            self._encoder = load_clip(self.clip)
+        if self._encoder.device != torch.device(device):
+            self._encoder.to(device)
         return self._encoder
 
     def width(self) -> tuple[int, int]:
@@ -69,11 +104,12 @@ class FrozenText:
         return tokens.clone().to(device), mask.clone().to(device)  # clones: ordinary tensors, not inference tensors
 
     def empty(self, device) -> Caption:
-        """The empty caption "" as the CLIP encodes it: the condition a dropped caption becomes."""
+        """The empty caption "" as the CLIP encodes it (in fp32): the condition a dropped caption becomes."""
         key = str(device)
         if key not in self._empty:
-            z_t = self.encoder(device).encode_texts([""]).clone().to(device)
-            tokens, mask = self.tokens([""], device)
+            with torch.autocast(torch.device(device).type, enabled=False):
+                z_t = self.encoder(device).encode_texts([""]).clone().to(device)
+                tokens, mask = self.tokens([""], device)
             self._empty[key] = Caption(z_t, tokens, mask)
         return self._empty[key]
 
@@ -103,8 +139,6 @@ def fit_text_tokens(sizes: dict, text_tokens: str, clip: dict, kind: str) -> dic
     """Network sizes with the per-token width (and, where the network has one, the token count) taken from
     the CLIP's text tower when `text_tokens` is 'clip'. A width set without text tokens, or one that
     disagrees with the CLIP, is an error: the tokens would be ignored or would not fit."""
-    from embeddings.config import ConfigError
-
     sizes = dict(sizes)
     if text_tokens != "clip":
         if sizes.get("text_token_width"):

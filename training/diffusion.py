@@ -18,17 +18,17 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 TRAIN_STEPS = 1000
-# One stream per purpose; append new purposes at the end so existing streams keep their numbers.
-PURPOSES = (
-    "train",  # a training step's timesteps, noise and condition dropout: indices (step, rank)
-    "validation",  # a validation batch's draws: index (batch)
-    "prior_start",  # a prior sample's starting noise x_T (all its candidates)
-    "prior_step",  # the fresh noise of the prior's sampler at each step (eta > 0)
-    "decoder_start",
-    "decoder_step",
-    "upsampler_start",
-    "upsampler_step",
-)
+# One stream per purpose, each with a fixed number (its spawn key); a new purpose takes a new number,
+# so existing streams, and the samples of existing seeds, never change.
+PURPOSES = {
+    "train": 0,  # a training step's timesteps, noise and condition dropout: indices (step, rank)
+    "validation": 1,  # a validation batch's draws: index (batch)
+    "prior_start": 2,  # a prior sample's starting noise x_T (all its candidates; the prior samples with eta 0)
+    "decoder_start": 3,  # a decoder sample's starting noise
+    "decoder_step": 4,  # the fresh noise of the decoder's sampler at each step (eta > 0): index (row)
+    "upsampler_start": 5,
+    "upsampler_step": 6,
+}
 
 
 def noise_schedule(prediction_type: str = "sample") -> DDPMScheduler:
@@ -62,7 +62,7 @@ def stream(seed: int, purpose: str, *indices: int, device: torch.device | str | 
     """The torch generator of (seed, purpose, indices), independent of every other such stream."""
     if int(seed) < 0 or any(int(i) < 0 for i in indices):
         raise ValueError(f"seeds and stream indices are non-negative integers, got {seed} and {indices}")
-    sequence = np.random.SeedSequence(int(seed), spawn_key=(PURPOSES.index(purpose), *map(int, indices)))
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(PURPOSES[purpose], *map(int, indices)))
     state = int(sequence.generate_state(1, np.uint64)[0])
     return torch.Generator(device if device is not None else "cpu").manual_seed(state)
 
@@ -84,7 +84,8 @@ def ddim_sample(
     eta: float = 0.0,
     step_noise: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Run DDIM from `noise` (x_T) with `denoise(x_t, t) -> model output`; returns x_0.
+    """Run DDIM from `noise` (x_T) with `denoise(x_t, t) -> model output`; returns the sample at the
+    schedule's t = 0 (x̂_0 up to √(1 − ᾱ_0) ≈ 0.006 of noise).
 
     eta 0 is deterministic DDIM; eta > 0 adds fresh noise at every step (eta 1: ancestral, DDPM-like),
     drawn for row i from its own generator `step_noise[i]`, so a sample does not depend on its batch.

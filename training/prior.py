@@ -229,10 +229,13 @@ class PriorDataModule(L.LightningDataModule):
         rows = []
         for shard in embedding_shards(self.embeddings_dir, self.val_split):
             present = [c for c in SCENE_COLUMNS if c in storage.parquet_file(shard.path).schema_arrow.names]
-            for row in read_parquet_range(shard, 0, shard.count, self.COLUMNS + present):
+            stop = min(shard.count, self.val_pairs - len(rows))
+            for row in read_parquet_range(shard, 0, stop, self.COLUMNS + present):
                 row["scene"] = "|".join(str(row.pop(c)) for c in present) if present else None
                 rows.append(row)
-        return [dict(row, index=i) for i, row in enumerate(rows[: self.val_pairs])]
+            if len(rows) >= self.val_pairs:
+                break
+        return [dict(row, index=i) for i, row in enumerate(rows)]
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_rows(), batch_size=500, collate_fn=to_batch)

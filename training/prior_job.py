@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 
 from embeddings import store
-from training.conditioning import fit_text_tokens
+from training.conditioning import fit_text_tokens, load_clip
 from training.export import save_export
 from training.prior import PriorDataModule, PriorModule, to_batch
 from training.prior_net import PriorConfig
@@ -41,6 +41,7 @@ def train_prior(**settings) -> dict:
     layout = run.layout()
     manifest = store.read_manifest(layout.embeddings)
     clip = clip_record(manifest)
+    load_clip(clip)  # a dropped caption is the CLIP's encoding of "": fail before training if it cannot load
     hp = parts["module"]
     prior = fit_text_tokens(check_dim("prior", hp["prior"], manifest), hp["text_tokens"], clip, "prior")
     name = run.name or layout.root.name
@@ -52,8 +53,10 @@ def train_prior(**settings) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     if not trainer.is_global_zero:
         return {"step": trainer.global_step}
-    # The final figures, outside Lightning so no rank waits on another.
-    metrics = {"step": trainer.global_step, **module.eval().evaluate(to_batch(datamodule.val_rows()))}
+    # The final figures, outside Lightning so no rank waits on another (on the training device: Lightning's
+    # teardown has moved the module back to the CPU).
+    module = module.to(trainer.strategy.root_device).eval()
+    metrics = {"step": trainer.global_step, **module.evaluate(to_batch(datamodule.val_rows()))}
     folder = Path(run.models_root) / name / "prior"
     save_export(folder, "prior", module.ema, module.export_config(metrics), manifest["encoder"])
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -87,12 +87,8 @@ class PriorSampler:
         b, d = z_t.shape
         cond = Caption(z_t, *self.text.tokens(list(captions), device))
         if scale != 1.0:  # the unconditional half: every caption dropped
-            cond = _concat(
-                cond, drop_caption(cond, torch.ones(b, dtype=torch.bool, device=device), self.text.empty(device))
-            )
-        rows = Caption(
-            *(v.repeat_interleave(n, 0) if v is not None else None for v in (cond.z_t, cond.tokens, cond.mask))
-        )
+            cond = cond.cat(drop_caption(cond, torch.ones(b, dtype=torch.bool, device=device), self.text.empty(device)))
+        rows = cond.map(lambda v: v.repeat_interleave(n, 0))  # each caption's N candidates side by side
 
         def denoise(x_t, t):
             if scale == 1.0:
@@ -113,16 +109,6 @@ def best_of(candidates: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     """For each row, the candidate (B, N, D) with the largest dot product with its z_t (B, D)."""
     best = (candidates @ z_t.unsqueeze(-1)).squeeze(-1).argmax(1)  # (B,)
     return candidates[torch.arange(len(candidates)), best]
-
-
-def _concat(a: Caption, b: Caption) -> Caption:
-    """Two caption batches as one, rows of `a` first (guidance runs both halves in one forward pass)."""
-    return Caption(
-        *(
-            torch.cat([x, y]) if x is not None else None
-            for x, y in ((a.z_t, b.z_t), (a.tokens, b.tokens), (a.mask, b.mask))
-        )
-    )
 
 
 class DecoderSampler:
@@ -147,7 +133,7 @@ class DecoderSampler:
         if captions:
             return Caption(None, *self.text.tokens(list(captions), device))
         empty = self.text.empty(device)
-        return Caption(None, empty.tokens.expand(b, -1, -1), empty.mask.expand(b, -1))
+        return Caption(None, empty.tokens, empty.mask).map(lambda v: v.expand(b, *v.shape[1:]))
 
     @torch.no_grad()
     def sample(
@@ -170,7 +156,7 @@ class DecoderSampler:
             everything = torch.ones(b, dtype=torch.bool, device=device)
             z = torch.cat([z, drop_embedding(z, everything)])
             if caption.tokens is not None:
-                caption = _concat(caption, drop_caption(caption, everything, self.text.empty(device)))
+                caption = caption.cat(drop_caption(caption, everything, self.text.empty(device)))
 
         def denoise(x_t, t):
             if scale == 1.0:

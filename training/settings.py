@@ -54,8 +54,8 @@ def check_dim(kind: str, sizes: dict, manifest: dict) -> dict:
 
 
 def clip_record(manifest: dict) -> dict:
-    """How to load the CLIP that made the embeddings (its EncoderSpec fields, from the manifest)."""
-    return {k: manifest["encoder"].get(k) for k in ("model", "weights", "pretrained")}
+    """How to load and check the CLIP that made the embeddings (model, weights, pretrained, checksum)."""
+    return {k: manifest["encoder"].get(k) for k in ("model", "weights", "pretrained", "checksum")}
 
 
 def _parameters(part: Callable) -> dict[str, inspect.Parameter]:

@@ -166,8 +166,9 @@ class StreamingModule(L.LightningModule):
         if hasattr(self, "net"):
             if checkpoint.get("format") != FORMAT:
                 raise ConfigError(
-                    f"the checkpoint is format {checkpoint.get('format', 1)}, this code reads format {FORMAT}: "
-                    "start the run afresh (SET=resume=never, or delete its checkpoints/)"
+                    f"the checkpoint is format {checkpoint.get('format', 1)}, this code reads format {FORMAT}: start "
+                    "the run afresh (delete the run's outputs/train-*/checkpoints/ folder, `make clean` for every "
+                    "run and model, or SET=resume=never)"
                 )
             check_layout(self.net, checkpoint.get("layout"), "the checkpoint")
         self.resume_position = checkpoint.get("data_position")
