@@ -1,5 +1,9 @@
-# unclip: every job is one target; `make help` lists them. Variables: CONFIG=path (a YAML under configs/),
-# and the job's own (FOLDER, NAME, ...). The first target that needs Python creates .venv itself.
+# unclip: every job is one target; `make help` lists them. The first target that needs Python creates .venv itself.
+#
+# The data set of any data, training or generation target: NAME=mine (configs/data/mine.yaml, else
+# data/mine/data.yaml, which `make ingest` and `make download URL_LIST=...` write), or DATA=/CONFIG= a
+# config's path; none given: the embedded default. SET="key=value ..." overrides config keys of the data
+# and training jobs. A target refuses a variable it does not take (`make help` lists what each takes).
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -8,35 +12,47 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FAISS ?= cpu
 STAMP := $(VENV)/.installed-faiss-$(FAISS)
-CONFIG ?= configs/data/synthetic.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-CLIP_CONFIG ?= configs/clip/shapes.yaml
-K ?= 10
-# SET="key=value ..." overrides config keys of the data and training jobs (and of make submit).
-SET ?=
+# Variables a user may give a target; each target takes some of them (TAKES_<target> below).
+USER_VARS := NAME DATA CONFIG SET CLIP REDO URL_LIST FOLDER SOURCE OUT CLIP_CONFIG PRIOR_CONFIG DECODER_CONFIG \
+	UPSAMPLER_CONFIG MODELS SEED N STEPS GUIDANCE DECODER PROMPT PROMPTS PRIOR_GUIDANCE IMAGE A B FROM TO QUERY KEY \
+	K KIND KNN_OUT EVAL_OPTS JOB SUBMIT_PYTHON
+GIVEN := $(foreach v,$(USER_VARS),$(if $(filter command line,$(origin $(v))),$(v)))
+# The same names set in the shell's environment are never used: a target that takes one refuses it (below).
+IN_ENVIRONMENT := $(foreach v,$(USER_VARS),$(if $(filter environment,$(origin $(v))),$(v)))
+$(foreach v,$(IN_ENVIRONMENT),$(eval undefine $(v)))
+DATA_GIVEN := $(filter NAME DATA CONFIG,$(GIVEN))
+DATA_SET := $(or $(NAME),$(DATA),$(CONFIG))
+DATA_OPT = $(if $(DATA_GIVEN),--config "$(DATA_SET)")
+TRAIN_DATA = $(if $(DATA_GIVEN),--set "data=$(DATA_SET)")
 SET_OPTS = $(foreach s,$(SET),--set "$(s)")
+CLIP_CONFIG ?= configs/clip/shapes.yaml
 PRIOR_CONFIG ?= configs/prior/small.yaml
 DECODER_CONFIG ?= configs/decoder/small.yaml
 UPSAMPLER_CONFIG ?= configs/decoder/upsampler-small.yaml
+
 # The command line of each data and training job (python -m ...), run here by its target and on a
 # cluster by `make submit JOB=...`; SET= adds --set overrides to either.
-JOB_download = pipelines download --config $(CONFIG)
-JOB_embed = pipelines embed --config $(CONFIG)
-JOB_index = pipelines index --config $(CONFIG)
-JOB_export-clip-retrieval = pipelines export-clip-retrieval --config $(CONFIG)
-JOB_train-clip = training clip --config $(CLIP_CONFIG)
-JOB_train-prior = training prior --config $(PRIOR_CONFIG)
-JOB_train-decoder = training decoder --config $(DECODER_CONFIG)
-JOB_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG)
+JOB_download = pipelines download $(DATA_OPT) $(if $(URL_LIST),--url-list "$(URL_LIST)" --name "$(NAME)") \
+	$(if $(REDO),--redo "$(REDO)")
+JOB_embed = pipelines embed $(DATA_OPT) $(if $(CLIP),--clip "$(CLIP)") $(if $(REDO),--redo "$(REDO)")
+JOB_index = pipelines index $(DATA_OPT)
+JOB_export-clip-retrieval = pipelines export-clip-retrieval $(DATA_OPT)
+JOB_train-clip = training clip --config $(CLIP_CONFIG) $(TRAIN_DATA)
+JOB_train-prior = training prior --config $(PRIOR_CONFIG) $(TRAIN_DATA)
+JOB_train-decoder = training decoder --config $(DECODER_CONFIG) $(TRAIN_DATA)
+JOB_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG) $(TRAIN_DATA)
 
-.PHONY: help setup lock test test-all format demo data download ingest embed index knn export-clip-retrieval \
-	import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder train-upsampler sample variations \
-	interpolate textdiff eval submit bench-download bench-embed clean
+.PHONY: help setup lock test test-all format demo data download ingest embed reset-embeddings index knn \
+	export-clip-retrieval import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder \
+	train-upsampler sample variations interpolate textdiff eval submit bench-download bench-embed clean
 
-help: ## list the targets
+help: ## list the targets and the variables each takes
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "Variables each target takes:"
+	@$(foreach t,$(TARGETS),$(if $(TAKES_$(t)),printf "  %-22s %s\n" "$(t)" "$(TAKES_$(t))";))
 
 setup: $(STAMP) ## create .venv and install the project with pinned dependencies (FAISS=gpu for faiss-gpu)
 
@@ -63,8 +79,8 @@ test-all: setup ## run every test, the slow quality floors included
 format: setup ## format the code with ruff (make test checks that it is formatted)
 	$(PY) -m ruff format .
 
-DEMO_PROMPTS ?= configs/demo-prompts.txt
-DEMO_OUT ?= outputs/demo
+DEMO_PROMPTS := configs/demo-prompts.txt
+DEMO_OUT := outputs/demo
 # Each stage is its own make call, so an interrupted demo resumes: finished shards are skipped and
 # trainers continue from their last checkpoint (`make clean` starts afresh). To fit 30 minutes on 2 cores
 # the demo trains the prior 1 200 steps (default 1 500), the decoders 800 (default 2 800) and the
@@ -72,7 +88,7 @@ DEMO_OUT ?= outputs/demo
 demo: setup ## the whole pipeline on the embedded default (committed CLIP): data → ... → eval; results in outputs/demo/
 	@start=$$(date +%s); stage() { s=$$(date +%s); $(MAKE) --no-print-directory "$$@" || exit 1; \
 		echo "[demo] $$* done in $$(( $$(date +%s) - s )) s (total $$(( $$(date +%s) - start )) s)"; }; \
-	stage data download embed index eval-clip CONFIG=$(CONFIG) && \
+	stage data download embed index eval-clip && \
 	stage train-prior SET=max_steps=1200 && stage train-decoder SET=max_steps=800 && stage train-upsampler SET=max_steps=400 && \
 	stage train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml SET=max_steps=800 && \
 	stage sample PROMPTS=$(DEMO_PROMPTS) N=4 OUT=$(DEMO_OUT)/sample.png && \
@@ -83,54 +99,58 @@ demo: setup ## the whole pipeline on the embedded default (committed CLIP): data
 	echo "  guidance.png (accuracy, CLIP score, diversity against guidance)  losses.png (training curves)  *.html (knn page)" && \
 	echo "Models in models/synthetic/ (clip prior decoder upsampler decoder-text); data in data/synthetic/."
 
-EVAL_OPTS ?=
-eval: setup ## unCLIP vs the GLIDE-like baseline on val and held-out captions: accuracy, CLIP score, Fréchet, diversity [OUT=dir]
-	$(PY) -m training eval --config $(CONFIG) --models $(MODELS) $(if $(OUT),--out "$(OUT)") $(EVAL_OPTS)
+eval: setup ## unCLIP vs the GLIDE-like baseline on val and held-out captions: accuracy, CLIP score, Fréchet, diversity
+	$(PY) -m training eval $(DATA_OPT) $(if $(MODELS),--models "$(MODELS)") $(if $(OUT),--out "$(OUT)") $(EVAL_OPTS)
 
-data: setup ## render the synthetic source: data/<name>/urls.parquet and source/ (CONFIG=configs/data/...)
-	$(PY) -m pipelines data --config $(CONFIG)
+data: setup ## render the synthetic source: data/<name>/urls.parquet and source/
+	$(PY) -m pipelines data $(DATA_OPT) $(SET_OPTS)
 
-download: setup ## download the config's URL list with img2dataset on Ray into data/<name>/shards/
+download: setup ## download the data set's URL list with img2dataset on Ray into data/<name>/shards/ (URL_LIST=path NAME=new: a new data set)
+	@test -z "$(URL_LIST)" -o -n "$(NAME)" || { echo "usage: make download URL_LIST=path/to/urls.parquet NAME=name"; exit 2; }
 	$(PY) -m $(JOB_download) $(SET_OPTS)
 
-ingest: setup ## shard a local folder of images with <stem>.txt captions: FOLDER=path [NAME=name SET="image_size=128 ..."]
+ingest: setup ## shard a local folder of images with <stem>.txt captions into a data set: FOLDER=path [NAME=name]
 	@test -n "$(FOLDER)" || { echo "usage: make ingest FOLDER=path/to/images [NAME=name]"; exit 2; }
 	$(PY) -m pipelines ingest --folder "$(FOLDER)" $(if $(NAME),--name "$(NAME)") $(SET_OPTS)
 
-embed: setup ## CLIP-embed the shards into data/<name>/embeddings/ (default CLIP: models/synthetic/clip)
+embed: setup ## CLIP-embed the shards into data/<name>/embeddings/ (CLIP=folder or ARCH:WEIGHTS; default models/synthetic/clip)
 	$(PY) -m $(JOB_embed) $(SET_OPTS)
+
+reset-embeddings: setup ## remove data/<name>/embeddings/ and index/, to embed again with another CLIP
+	$(PY) -m pipelines reset-embeddings $(DATA_OPT) $(SET_OPTS)
 
 index: setup ## faiss image and text indices over the embeddings into data/<name>/index/
 	$(PY) -m $(JOB_index) $(SET_OPTS)
 
-knn: setup ## nearest neighbours: QUERY="text" or IMAGE=path or KEY=key [K=10 KIND=image|text]; prints a table and an HTML page
+knn: setup ## nearest neighbours: QUERY="text" or IMAGE=path or KEY=key; prints a table and an HTML page
 	@test -n "$(QUERY)$(IMAGE)$(KEY)" || { echo 'usage: make knn QUERY="a red circle" | IMAGE=path | KEY=key'; exit 2; }
-	$(PY) -m pipelines knn --config $(CONFIG) -k $(K) $(if $(KIND),--kind $(KIND)) $(if $(KNN_OUT),--out-dir "$(KNN_OUT)") \
+	$(PY) -m pipelines knn $(DATA_OPT) $(SET_OPTS) $(if $(K),-k $(K)) $(if $(KIND),--kind $(KIND)) $(if $(KNN_OUT),--out-dir "$(KNN_OUT)") \
 		$(if $(QUERY),--query "$(QUERY)") $(if $(IMAGE),--image "$(IMAGE)") $(if $(KEY),--key "$(KEY)")
 
 export-clip-retrieval: setup ## write the embeddings in clip-retrieval's layout to data/<name>/clip_retrieval/ [OUT=dir]
-	$(PY) -m $(JOB_export-clip-retrieval) $(if $(OUT),--out "$(OUT)")
+	$(PY) -m $(JOB_export-clip-retrieval) $(SET_OPTS) $(if $(OUT),--out "$(OUT)")
 
 import-clip-retrieval: setup ## read a clip-retrieval folder SOURCE=dir into data/<name>/embeddings/
-	@test -n "$(SOURCE)" || { echo "usage: make import-clip-retrieval SOURCE=dir CONFIG=configs/data/NAME.yaml"; exit 2; }
-	$(PY) -m pipelines import-clip-retrieval --config $(CONFIG) --source "$(SOURCE)"
+	@test -n "$(SOURCE)" || { echo "usage: make import-clip-retrieval SOURCE=dir NAME=name"; exit 2; }
+	$(PY) -m pipelines import-clip-retrieval $(DATA_OPT) $(SET_OPTS) --source "$(SOURCE)"
 
-train-clip: setup ## train the small CLIP of CLIP_CONFIG on its data set's shards; exports models/<name>/clip/
+train-clip: setup ## train the small CLIP of CLIP_CONFIG on the data set's shards; exports models/<name>/clip/
 	$(PY) -m $(JOB_train-clip) $(SET_OPTS)
 
-train-prior: setup ## train the diffusion prior of PRIOR_CONFIG on its data set's embeddings; exports models/<name>/prior/
+train-prior: setup ## train the diffusion prior of PRIOR_CONFIG on the data set's embeddings; exports models/<name>/prior/
 	$(PY) -m $(JOB_train-prior) $(SET_OPTS)
 
 sample-prior: setup ## PROMPT="..." (or PROMPTS=file): sampled CLIP image embeddings, their nearest indexed images, a .npy
 	@test -n "$(PROMPT)$(PROMPTS)" || { echo 'usage: make sample-prior PROMPT="a small red circle at the top left"'; exit 2; }
-	$(PY) -m training sample-prior --config $(PRIOR_CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)")
+	$(PY) -m training sample-prior --config $(PRIOR_CONFIG) $(if $(DATA_GIVEN),--data "$(DATA_SET)") \
+		$(if $(SEED),--seed $(SEED)) $(if $(STEPS),--steps $(STEPS)) $(if $(GUIDANCE),--guidance $(GUIDANCE)) \
+		$(if $(K),-k $(K)) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts "$(PROMPTS)")
 
-MODELS ?= models/synthetic
-SEED ?= 0
-# Options of the four generation commands: SEED=0 N=images STEPS=decoder steps GUIDANCE=decoder scale
-# DECODER=decoder|decoder-text OUT=path.png
-GEN_OPTS = --models "$(MODELS)" --seed $(SEED) $(if $(N),-n $(N)) $(if $(STEPS),--steps $(STEPS)) \
-	$(if $(GUIDANCE),--guidance $(GUIDANCE)) $(if $(DECODER),--decoder $(DECODER)) $(if $(OUT),--out "$(OUT)")
+# Options of the four generation commands: MODELS=folder (default models/<data set>) SEED=0 N=images
+# STEPS=decoder steps GUIDANCE=decoder scale DECODER=decoder|decoder-text OUT=path.png
+GEN_OPTS = $(if $(DATA_GIVEN),--data "$(DATA_SET)") $(if $(MODELS),--models "$(MODELS)") $(if $(SEED),--seed $(SEED)) \
+	$(if $(N),-n $(N)) $(if $(STEPS),--steps $(STEPS)) $(if $(GUIDANCE),--guidance $(GUIDANCE)) \
+	$(if $(DECODER),--decoder $(DECODER)) $(if $(OUT),--out "$(OUT)")
 
 train-decoder: setup ## train the CLIP-image-embedding decoder of DECODER_CONFIG on shards + embeddings; exports models/<name>/decoder/
 	$(PY) -m $(JOB_train-decoder) $(SET_OPTS)
@@ -156,17 +176,17 @@ textdiff: setup ## IMAGE=path FROM="a red circle" TO="a blue circle": the embedd
 	$(PY) -m training textdiff $(GEN_OPTS) --image "$(IMAGE)" --from "$(FROM)" --to "$(TO)"
 
 eval-clip: setup ## zero-shot colour/shape accuracy and recall@10 of the val embeddings (after make embed)
-	$(PY) -m training clip-eval --config $(CONFIG)
+	$(PY) -m training clip-eval $(DATA_OPT) $(SET_OPTS)
 
 bench-embed: setup ## embed job samples/s vs bare encoder throughput (and clip-retrieval, see bench/embed.py)
-	$(PY) bench/embed.py --config $(CONFIG)
+	$(PY) bench/embed.py $(DATA_OPT)
 
-bench-download: setup ## images/s of data + download on a fresh copy of the config's data set
-	$(PY) bench/download.py --config $(CONFIG)
+bench-download: setup ## images/s of data + download on a fresh copy of the data set
+	$(PY) bench/download.py $(DATA_OPT)
 
 SUBMIT_PYTHON ?= python
-submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|train-decoder|train-upsampler as a Ray batch job at RAY_ADDRESS=http://head:8265 [SET="data_root=/shared/data ..."]
-	@test -n "$(JOB_$(JOB))" -a -n "$(RAY_ADDRESS)" || { echo 'usage: make submit JOB=embed RAY_ADDRESS=http://head:8265 [CONFIG=...] [SET="data_root=/mnt/shared/data"]'; \
+submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|train-decoder|train-upsampler as a Ray batch job at RAY_ADDRESS=http://head:8265
+	@test -n "$(JOB_$(JOB))" -a -n "$(RAY_ADDRESS)" || { echo 'usage: make submit JOB=embed RAY_ADDRESS=http://head:8265 [NAME=...] [SET="data_root=/mnt/shared/data"]'; \
 		echo '  JOB: download embed index export-clip-retrieval train-clip train-prior train-decoder train-upsampler'; exit 2; }
 	$(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . -- \
 		$(SUBMIT_PYTHON) -m $(JOB_$(JOB)) $(SET_OPTS)
@@ -175,3 +195,38 @@ submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|trai
 clean: ## remove generated data, outputs and trained models (keeps .venv and the committed CLIP)
 	rm -rf data outputs $(filter-out models/synthetic,$(wildcard models/*)) \
 		$(filter-out models/synthetic/clip,$(wildcard models/synthetic/*))
+
+# What each target takes; a variable given on the command line that a target does not take is refused.
+DATA_VARS := NAME DATA CONFIG
+GEN_VARS := $(DATA_VARS) MODELS SEED N STEPS GUIDANCE DECODER OUT
+TAKES_data := $(DATA_VARS) SET
+TAKES_download := $(DATA_VARS) SET REDO URL_LIST
+TAKES_ingest := FOLDER NAME SET
+TAKES_embed := $(DATA_VARS) SET CLIP REDO
+TAKES_reset-embeddings := $(DATA_VARS) SET
+TAKES_index := $(DATA_VARS) SET
+TAKES_knn := $(DATA_VARS) SET QUERY IMAGE KEY K KIND KNN_OUT
+TAKES_export-clip-retrieval := $(DATA_VARS) SET OUT
+TAKES_import-clip-retrieval := $(DATA_VARS) SET SOURCE
+TAKES_eval-clip := $(DATA_VARS) SET
+TAKES_train-clip := $(DATA_VARS) SET CLIP_CONFIG
+TAKES_train-prior := $(DATA_VARS) SET PRIOR_CONFIG
+TAKES_train-decoder := $(DATA_VARS) SET DECODER_CONFIG
+TAKES_train-upsampler := $(DATA_VARS) SET UPSAMPLER_CONFIG
+TAKES_sample-prior := $(DATA_VARS) PRIOR_CONFIG PROMPT PROMPTS SEED STEPS GUIDANCE K
+TAKES_sample := $(GEN_VARS) PROMPT PROMPTS PRIOR_GUIDANCE
+TAKES_variations := $(GEN_VARS) IMAGE
+TAKES_interpolate := $(GEN_VARS) A B
+TAKES_textdiff := $(GEN_VARS) IMAGE FROM TO
+TAKES_eval := $(DATA_VARS) MODELS OUT EVAL_OPTS
+TAKES_bench-embed := $(DATA_VARS)
+TAKES_bench-download := $(DATA_VARS)
+TAKES_submit = JOB SUBMIT_PYTHON $(TAKES_$(JOB))
+TARGETS := $(sort $(patsubst TAKES_%,%,$(filter TAKES_%,$(.VARIABLES))))
+refused = $(filter-out $(TAKES_$(1)),$(GIVEN))
+$(foreach goal,$(MAKECMDGOALS),$(if $(call refused,$(goal)),$(error make $(goal) does not take $(call refused,$(goal)); \
+	it takes: $(or $(TAKES_$(goal)),no variables) (make help lists them))))
+$(foreach goal,$(MAKECMDGOALS),$(if $(filter $(TAKES_$(goal)),$(IN_ENVIRONMENT)),$(error \
+	$(filter $(TAKES_$(goal)),$(IN_ENVIRONMENT)) set in the environment: make takes it on its command line, \
+	make $(goal) $(firstword $(filter $(TAKES_$(goal)),$(IN_ENVIRONMENT)))=...; unset it first)))
+$(if $(word 2,$(DATA_GIVEN)),$(error give the data set once: NAME=, DATA= or CONFIG=, not $(DATA_GIVEN)))

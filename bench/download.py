@@ -22,12 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipelines.data_config import load_data_config, run_data, run_download  # noqa: E402
+from pipelines.data_config import DEFAULT_DATA, load_data_config, run_data, run_download  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/data/synthetic.yaml")
+    parser.add_argument("--config", default=DEFAULT_DATA, help="the data set: a name or a config path")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data root")
     args = parser.parse_args()
 

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from embeddings import store  # noqa: E402
 from embeddings.encoders import load_encoder  # noqa: E402
 from embeddings.tars import finished_tars, iter_tar_samples  # noqa: E402
-from pipelines.data_config import load_data_config  # noqa: E402
+from pipelines.data_config import DEFAULT_DATA, load_data_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CR_VENV = Path(__file__).parent / ".venv-clip-retrieval"
@@ -138,7 +138,7 @@ def run_clip_retrieval(tars: list[Path], model: str, checkpoint: Path, out: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/data/synthetic.yaml")
+    parser.add_argument("--config", default=DEFAULT_DATA, help="the data set: a name or a config path")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights) or a CLIP folder")
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -158,6 +158,22 @@ class ClipEncoder:
         return x.float(), tokens != 0
 
 
+def spec_from_text(text: str) -> dict:
+    """EncoderSpec fields from how a user names a CLIP on the command line (`make embed CLIP=...`):
+    a folder in open_clip's layout (`models/mine/clip`), an architecture and a weights file
+    (`ViT-B-32:/path/weights.safetensors`), or an architecture and a pretrained tag (`ViT-B-32:laion2b_s34b_b79k`,
+    which downloads)."""
+    if Path(text).is_dir():
+        return {"model": text}
+    arch, _, rest = text.partition(":")
+    if not rest:
+        raise ConfigError(
+            f"CLIP {text!r}: name a folder in open_clip's layout, ARCH:WEIGHTS_FILE, or ARCH:PRETRAINED_TAG "
+            "(an architecture alone would have random weights)"
+        )
+    return {"model": arch, "weights": rest} if Path(rest).is_file() else {"model": arch, "pretrained": rest}
+
+
 def load_encoder(spec: EncoderSpec | dict | None = None) -> ClipEncoder:
     """Load a CLIP from a spec (or a dict of its fields; unknown fields are a ConfigError)."""
     if spec is None:

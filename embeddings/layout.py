@@ -1,5 +1,6 @@
 """Where a data set's files live: one home for the folder names of the contract.
 
+data/<name>/data.yaml          the data set's config when make ingest or make download --url-list wrote it
 data/<name>/urls.parquet       URL list (url, caption, split, passthrough columns)
 data/<name>/source/            files served by the local HTTP server (synthetic source)
 data/<name>/shards/            webdataset tars NNNNN.tar + img2dataset's NNNNN.parquet, NNNNN_stats.json
@@ -25,6 +26,10 @@ class DataLayout:
     @classmethod
     def of(cls, name: str, data_root: str | Path = "data") -> "DataLayout":
         return cls(storage.as_path(data_root) / name)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "data.yaml"
 
     @property
     def urls(self) -> Path:

@@ -47,6 +47,12 @@ def as_path(path: str | os.PathLike):
     return UPath(path, use_listings_cache=False)
 
 
+def absolute(path):
+    """`as_path`, a local path made absolute: what is handed to Ray workers, whose working folder may differ."""
+    path = as_path(path)
+    return path if is_uri(path) else path.resolve()
+
+
 def listing(folder, pattern: str) -> list:
     """Entries of `folder` matching a glob `pattern`, in name order ([] when the folder does not exist)."""
     folder = as_path(folder)
@@ -60,6 +66,24 @@ def make_folder(folder) -> None:
     """Create a local folder (object stores have no folders: nothing to do there)."""
     if not is_uri(folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
+
+
+def remove(path) -> bool:
+    """Delete a file where it exists (a path or a URI); True when there was one."""
+    path = as_path(path)
+    if not path.exists():
+        return False
+    path.unlink()
+    return True
+
+
+def remove_tree(folder) -> None:
+    """Delete a folder and everything under it (a path, or every object under a URI's prefix)."""
+    folder = as_path(folder)
+    if is_uri(folder):
+        folder.fs.rm(folder.path, recursive=True)
+    else:
+        shutil.rmtree(folder)
 
 
 def write_bytes(path, data: bytes) -> None:

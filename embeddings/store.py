@@ -61,6 +61,19 @@ def write_shard(folder, name: str, table: pa.Table, record: dict) -> None:
     write_json(folder / f"{name}{RECORD_SUFFIX}", record)
 
 
+def forget_shards(folder, names: list[str]) -> None:
+    """Remove the embeddings of shards `names`, the manifest first marked incomplete (so trainers wait for
+    the rerun that embeds them again), each record before its Parquet (a half-removed shard is never done)."""
+    folder = storage.as_path(folder)
+    if not names or not (folder / MANIFEST).exists():
+        return
+    manifest = read_manifest(folder)
+    write_manifest(folder, manifest["encoder"], manifest["dtype"], manifest["records"], False, manifest.get("damaged"))
+    for name in names:
+        storage.remove(folder / f"{name}{RECORD_SUFFIX}")
+        storage.remove(folder / f"{name}.parquet")
+
+
 def done_shards(folder) -> dict[str, dict]:
     """Records of the finished shards, by shard name."""
     return {
@@ -78,10 +91,14 @@ def shard_paths(folder) -> list:
     ]
 
 
-def write_manifest(folder, encoder: dict, dtype: str, records: dict[str, dict], complete: bool = True) -> dict:
-    """The driver's manifest: the encoder, the stored dtype, totals and every shard's record."""
+def write_manifest(
+    folder, encoder: dict, dtype: str, records: dict[str, dict], complete: bool = True, damaged: dict | None = None
+) -> dict:
+    """The driver's manifest: the encoder, the stored dtype, totals, every shard's record, and the shards
+    that could not be read ({shard: reason}; the manifest is complete only without them)."""
     manifest = {
         "complete": complete,
+        "damaged": dict(sorted((damaged or {}).items())),
         "encoder": encoder,
         "dim": encoder["dim"],
         "dtype": dtype,
@@ -103,6 +120,30 @@ def read_manifest(folder) -> dict:
     return json.loads(path.read_text())
 
 
+def complete_manifest(folder) -> dict:
+    """The manifest of an embedding folder whose job finished every shard (what trainers read); else a
+    ConfigError naming the shards that are missing."""
+    manifest = read_manifest(folder)
+    missing = sorted(set(manifest["records"]) - {shard_name(p) for p in shard_paths(folder)})
+    if manifest.get("complete", True) and not missing:
+        return manifest
+    if missing:
+        raise ConfigError(
+            f"the embeddings in {folder} are incomplete: shard(s) {', '.join(missing)} in the manifest have no "
+            "embeddings on disk; run `make embed` for this data set to embed them again"
+        )
+    damaged = manifest.get("damaged") or {}
+    if damaged:
+        raise ConfigError(
+            f"the embeddings in {folder} are incomplete: shard(s) {', '.join(sorted(damaged))} could not be read "
+            "(damaged tars); repair and finish them as `make embed` printed, then train"
+        )
+    raise ConfigError(
+        f"the embeddings in {folder} are incomplete: the embed job did not finish ({manifest['shards']} shards "
+        "done); run `make embed` again to finish it"
+    )
+
+
 def check_compatible(manifest: dict, encoder: dict) -> None:
     """Raise when embeddings made by one encoder are to be used or extended with another."""
     if manifest["dim"] != encoder["dim"]:
@@ -117,6 +158,31 @@ def check_compatible(manifest: dict, encoder: dict) -> None:
         )
 
 
+def _unreadable(path, err: Exception) -> ConfigError:
+    name = shard_name(path)
+    return ConfigError(
+        f"embedding shard {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+        f"it is damaged; `make embed REDO={name}` (with this data set's NAME= or CONFIG=) embeds that shard again"
+    )
+
+
+def shard_file(path):
+    """An embedding shard's Parquet file (metadata, schema); a file that is not readable Parquet is a
+    ConfigError that names it and the command that redoes it."""
+    try:
+        return storage.parquet_file(path)
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(path, err) from err
+
+
+def read_shard(path, columns: list[str] | None = None, filters=None) -> pa.Table:
+    """One embedding shard's rows (some columns, pyarrow filters); a damaged file is a ConfigError naming it."""
+    try:
+        return storage.read_parquet(path, columns=columns, filters=filters)
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(path, err) from err
+
+
 def read_table(folder, columns: list[str] | None = None, filters=None, with_shard: bool = False) -> pa.Table:
     """All finished shards of a folder as one table (some columns, pyarrow filters, a `shard` column)."""
     paths = shard_paths(folder)
@@ -124,7 +190,7 @@ def read_table(folder, columns: list[str] | None = None, filters=None, with_shar
         raise ConfigError(f"no finished embedding shards in {folder}: run `make embed` first")
     tables = []
     for path in paths:
-        table = storage.read_parquet(path, columns=columns, filters=filters)
+        table = read_shard(path, columns=columns, filters=filters)
         if with_shard:
             table = table.append_column("shard", pa.array([shard_name(path)] * table.num_rows, pa.string()))
         tables.append(table)

@@ -8,6 +8,7 @@ The shards folder may be a local path or an object-storage URI (embeddings/stora
 from __future__ import annotations
 
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,26 +17,70 @@ from embeddings import storage
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+class DamagedTar(ValueError):
+    """A tar that cannot be read to its end: truncated, a damaged member header, or not a tar at all."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = path, reason
+        name = storage.as_path(path).stem
+        super().__init__(
+            f"{path}: {reason} (a damaged tar: `make download REDO={name}` for this data set fetches it again)"
+        )
+
+
+def tar_members(tar_path: str | Path, read: bool = True) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """(member, its bytes, or None when not `read`) for every file member, in order. A tar that cannot be
+    read to its end raises DamagedTar: cut short (in a header or in a member's data), a damaged header
+    where tarfile itself would stop early and quietly, no end-of-archive marker, or not a tar at all."""
+    try:
+        with storage.open_tar(tar_path) as tar:
+            for member in tar:
+                if member.isfile():
+                    yield member, tar.extractfile(member).read() if read else None
+            _check_end(tar)
+    except (tarfile.TarError, EOFError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        if reason.endswith("could not be opened successfully:"):  # every compression tried: not a tar at all
+            reason = "not a tar (or an empty file)"
+        raise DamagedTar(tar_path, reason) from err
+
+
+END_OF_ARCHIVE = 1024  # two zero blocks close every tar that was written to its end
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """After the last member come the end-of-archive marker and zero padding, and nothing else."""
+    tar.fileobj.seek(tar.offset)
+    zeros = 0
+    while chunk := tar.fileobj.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"unreadable bytes after byte {tar.offset}: a damaged member header")
+        zeros += len(chunk)
+    if zeros < END_OF_ARCHIVE:
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {tar.offset}: the tar was cut short")
+
+
 def iter_tar_samples(tar_path: str | Path) -> Iterator[dict]:
-    """Samples of a tar in order: {'key', 'image' (bytes or None), 'caption', 'meta' (dict)}."""
+    """Samples of a tar in order: {'key', 'image' (bytes or None), 'caption', 'meta' (dict)}. A tar that
+    cannot be read to its end, or a caption or metadata member that does not decode, raises DamagedTar
+    (after yielding the samples before the damage: callers that keep a shard whole drop those)."""
     current: dict | None = None
-    with storage.open_tar(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition(".")
-            if current is not None and key != current["key"]:
-                yield current
-                current = None
-            if current is None:
-                current = {"key": key, "image": None, "caption": "", "meta": {}}
-            data = tar.extractfile(member).read()
+    for member, data in tar_members(tar_path):
+        key, _, ext = member.name.rpartition(".")
+        if current is not None and key != current["key"]:
+            yield current
+            current = None
+        if current is None:
+            current = {"key": key, "image": None, "caption": "", "meta": {}}
+        try:
             if ext in IMAGE_EXTENSIONS:
                 current["image"] = data
             elif ext == "txt":
                 current["caption"] = data.decode("utf-8")
             elif ext == "json":
                 current["meta"] = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DamagedTar(tar_path, f"member {member.name} does not decode ({type(err).__name__})") from err
     if current is not None:
         yield current
 
@@ -47,11 +92,10 @@ def read_images(shards_dir: str | Path, wanted: dict[str, str]) -> dict[str, byt
         by_shard.setdefault(shard, set()).add(key)
     found: dict[str, bytes] = {}
     for shard, keys in by_shard.items():
-        with storage.open_tar(storage.as_path(shards_dir) / f"{shard}.tar") as tar:
-            for member in tar:
-                stem, _, ext = member.name.rpartition(".")
-                if stem in keys and ext in IMAGE_EXTENSIONS:
-                    found[stem] = tar.extractfile(member).read()
+        for member, data in tar_members(storage.as_path(shards_dir) / f"{shard}.tar"):
+            stem, _, ext = member.name.rpartition(".")
+            if stem in keys and ext in IMAGE_EXTENSIONS:
+                found[stem] = data
     return found
 
 

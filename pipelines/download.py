@@ -90,6 +90,30 @@ def _is_relative(url: str) -> bool:
     return "://" not in url
 
 
+def forget_shards(shards_dir, names: list[str]) -> None:
+    """Remove downloaded shards `names` (stats first: a shard without them is never trusted), so that
+    the next download fetches them again and nothing else."""
+    shards_dir = storage.as_path(shards_dir)
+    for name in names:
+        if not (shards_dir / f"{name}.tar").exists() and not (shards_dir / f"{name}_stats.json").exists():
+            raise ConfigError(f"no shard {name} in {shards_dir} to download again")
+        for suffix in ("_stats.json", ".tar", ".parquet"):
+            storage.remove(shards_dir / f"{name}{suffix}")
+
+
+def untrusted_stats(shards_dir) -> list[str]:
+    """Shards whose `_stats.json` says done but whose tar is missing: their stats are removed, so
+    img2dataset fetches them again (a tar without stats it redoes by itself)."""
+    shards_dir = storage.as_path(shards_dir)
+    tars = {p.stem for p in storage.listing(shards_dir, "*.tar")}
+    stale = [p.name.removesuffix("_stats.json") for p in storage.listing(shards_dir, "*_stats.json")]
+    stale = [name for name in stale if name not in tars]
+    for name in stale:
+        storage.remove(shards_dir / f"{name}_stats.json")
+        storage.remove(shards_dir / f"{name}.parquet")
+    return stale
+
+
 def summarize(shards_dir) -> dict:
     """Aggregate img2dataset's per-shard parquet and stats into one summary."""
     shards_dir = storage.as_path(shards_dir)
@@ -147,7 +171,7 @@ def download(
     """
     import img2dataset
 
-    url_list, output_dir = storage.as_path(url_list), storage.as_path(output_dir)
+    url_list, output_dir = storage.absolute(url_list), storage.absolute(output_dir)
     table = read_url_list(url_list, url_col, caption_col)
     check_shard_splits(table, samples_per_shard)
     if additional_columns is None:
@@ -160,6 +184,9 @@ def download(
     additional_columns = [*additional_columns, *(["split"] if "split" not in additional_columns else [])]
 
     storage.make_folder(output_dir)
+    stale = untrusted_stats(output_dir)
+    if stale:
+        print(f"[download] {len(stale)} shard(s) had stats but no tar, fetched again: {', '.join(stale)}", flush=True)
     done_before = len(storage.listing(output_dir, "*_stats.json"))
     urls = table.column(url_col).to_pylist()
     needs_server = any(_is_relative(u) for u in urls if u)

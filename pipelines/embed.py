@@ -26,7 +26,7 @@ from tqdm import tqdm
 from embeddings import storage, store
 from embeddings.config import ConfigError
 from embeddings.encoders import EncoderSpec, load_encoder
-from embeddings.tars import finished_tars, iter_tar_samples, tar_info
+from embeddings.tars import DamagedTar, finished_tars, iter_tar_samples, tar_info
 from pipelines.cluster import ray_session
 
 # img2dataset's own bookkeeping, not worth carrying into the embedding shards.
@@ -88,10 +88,19 @@ class ShardEmbedder:
             return None, f"image decode error: {type(err).__name__}"
 
     def process(self, tar_path: str) -> dict:
-        """Embed one tar into NNNNN.parquet + NNNNN_record.json; returns the record."""
+        """Embed one tar into NNNNN.parquet + NNNNN_record.json; returns the record. A tar that cannot be
+        read to its end writes nothing (the samples before the damage are dropped too, so a repaired
+        shard is embedded whole) and returns {'shard', 'damaged': reason}."""
         start = time.time()
         tar_path = storage.as_path(tar_path)
-        samples = list(iter_tar_samples(tar_path))
+        try:
+            samples = list(iter_tar_samples(tar_path))
+            expected, _ = tar_info(tar_path)  # the successes img2dataset recorded for this tar
+            found = sum(s["image"] is not None for s in samples)
+            if found != expected:
+                raise DamagedTar(tar_path, f"holds {found} samples where the download recorded {expected}")
+        except DamagedTar as err:
+            return {"shard": store.shard_name(tar_path), "damaged": err.reason}
         skipped: Counter = Counter()
         keys, captions, image_vectors, text_vectors = [], [], [], []
         batches = [samples[i : i + self.batch_size] for i in range(0, len(samples), self.batch_size)]
@@ -235,7 +244,7 @@ def embed(
         raise ConfigError(f"embed: dtype {dtype!r}: use float16 or float32")
     spec = dict(encoder or {})
     EncoderSpec(**spec)  # unknown keys fail here, before Ray starts
-    shards_dir, output_dir = storage.as_path(shards_dir), storage.as_path(output_dir)
+    shards_dir, output_dir = storage.absolute(shards_dir), storage.absolute(output_dir)
     tars = finished_tars(shards_dir)  # img2dataset writes a tar's _stats.json after the tar
     if not tars:
         raise ConfigError(f"no webdataset shards in {shards_dir}: run `make download` first")
@@ -262,12 +271,42 @@ def embed(
             store.check_compatible(store.read_manifest(output_dir), info)
         # Written first (complete: false) so that a rerun after a kill checks the encoder too.
         store.write_manifest(output_dir, info, dtype, dict(sorted(done.items())), complete=False)
-        with tqdm(
-            total=sum(tar_info(t)[0] for t in todo), unit="sample", desc=f"embed {len(todo)}/{len(tars)} shards"
-        ) as bar:
+        counts = {store.shard_name(t): _count(t) for t in todo}
+        damaged: dict[str, str] = {}
+        with tqdm(total=sum(counts.values()), unit="sample", desc=f"embed {len(todo)}/{len(tars)} shards") as bar:
             for record in run_shards(actors, todo):
+                if "damaged" in record:
+                    damaged[record["shard"]] = record["damaged"]
+                    bar.update(counts[record["shard"]])
+                    continue
                 done[record["shard"]] = record
                 bar.update(record["rows_written"] + sum(record["skipped"].values()))
         for actor in actors:
             ray.kill(actor)
-    return store.write_manifest(output_dir, info, dtype, dict(sorted(done.items())), complete=True)
+    manifest = store.write_manifest(
+        output_dir, info, dtype, dict(sorted(done.items())), complete=not damaged, damaged=damaged
+    )
+    if damaged:
+        raise DamagedShards(manifest)
+    return manifest
+
+
+def _count(tar) -> int:
+    """A tar's sample count for the progress bar (0 for a damaged tar without img2dataset's parquet)."""
+    try:
+        return tar_info(tar)[0]
+    except DamagedTar:
+        return 0
+
+
+class DamagedShards(RuntimeError):
+    """The embed job finished every shard it could read; `damaged` ({shard: reason}) could not be read to
+    their end, wrote nothing, and are done again by a rerun once repaired."""
+
+    def __init__(self, manifest: dict):
+        self.manifest, self.damaged = manifest, manifest["damaged"]
+        lines = "\n".join(f"  {shard}: {reason}" for shard, reason in sorted(self.damaged.items()))
+        super().__init__(
+            f"{len(self.damaged)} damaged shard(s) not embedded ({manifest['shards']} others done, "
+            f"{manifest['rows']} samples):\n{lines}"
+        )

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from embeddings.layout import DataLayout
-from embeddings.storage import write_parquet
-from pipelines.download import download
+from embeddings import storage
+from embeddings.config import ConfigError
+from embeddings.storage import read_parquet, write_parquet
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -46,16 +46,30 @@ def shard_size(rows: int, most: int = 500, shards: int = 10) -> int:
     return max(1, min(most, -(-rows // shards)))
 
 
-def ingest(folder: str | Path, name: str, *, data_root: str | Path = "data", **download_options) -> dict:
-    """Shard a captioned image folder into data/<name>/; `download_options` go to the download job
-    (`samples_per_shard` among them: default `shard_size` of the folder)."""
-    layout = DataLayout.of(name, data_root)
+def ingest(folder: str | Path, name: str, **settings) -> dict:
+    """Shard a captioned image folder into data/<name>/ and write its data config, data/<name>/data.yaml
+    (so every later job takes NAME=<name>); `settings` are data-config keys (data_root, samples_per_shard,
+    download: {image_size, ...}); samples_per_shard defaults to `shard_size` of the folder. A folder whose
+    listing changed since shards were made from it is refused: its rows would land in other shards.
+    Returns the download summary."""
+    from pipelines.data_config import new_data_set, run_download
+
+    folder = Path(folder).expanduser().resolve()
     table, skipped = list_folder(folder)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    write_parquet(layout.urls, table)
-    download_options.setdefault("samples_per_shard", shard_size(table.num_rows))
-    summary = download(
-        layout.urls, layout.shards, serve_root=folder, summary_path=layout.download_summary, **download_options
+    settings = dict(settings, folder=str(folder))
+    settings.setdefault("samples_per_shard", shard_size(table.num_rows))
+    comment = (
+        f"Written by make ingest FOLDER={folder} NAME={name}: the data set {name!r}; every target takes NAME={name}."
     )
+    config = new_data_set(name, settings, comment)
+    layout = config.layout
+    if layout.urls.exists() and storage.listing(layout.shards, "*.tar") and not read_parquet(layout.urls).equals(table):
+        raise ConfigError(
+            f"{folder} has changed since data/{name}/ was made from it: ingest it under another NAME, or remove "
+            f"{layout.root}/ first"
+        )
+    storage.make_folder(layout.root)
+    write_parquet(layout.urls, table)
+    summary = run_download(config)
     summary["skipped_without_caption"] = skipped
     return summary

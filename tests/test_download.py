@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embeddings.tars import tar_info
+from embeddings.config import ConfigError
+from pipelines.data_config import load_data_config
 from pipelines.download import download
 from pipelines.ingest import ingest
 from pipelines.server import serve_folder
@@ -102,7 +104,10 @@ def test_csv_url_list_with_absolute_urls(tmp_path, ray_local):
     assert [tar_info(t)[1] for t in sorted((tmp_path / "shards").glob("*.tar"))] == ["val", "train"]
 
 
-def test_ingest_folder_of_captioned_images(tmp_path, ray_local):
+def test_ingest_folder_of_captioned_images(tmp_path, ray_local, monkeypatch):
+    """Shards, the split by shard, and the data set's config written to data/<name>/data.yaml; a changed
+    folder is refused once shards were made from it."""
+    monkeypatch.chdir(tmp_path)  # data/<name>/data.yaml lands under this test's folder
     folder = tmp_path / "photos" / "nested"
     folder.mkdir(parents=True)
     for i in range(4):
@@ -110,12 +115,22 @@ def test_ingest_folder_of_captioned_images(tmp_path, ray_local):
         render(scene, 80).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"a yellow circle number {i}\n")
     render(Scene("black", ()), 80).save(folder / "uncaptioned.png")
-    summary = ingest(tmp_path / "photos", "photos", data_root=tmp_path / "data", image_size=64)
+    summary = ingest(tmp_path / "photos", "photos", download={"image_size": 64})
     assert summary["successes"] == 4 and summary["skipped_without_caption"] == 1
     assert summary["shards"] == 4 and summary["by_split"] == {"train": {"successes": 3}, "val": {"successes": 1}}
     rows = sorted(_shard_rows(tmp_path / "data/photos/shards"), key=lambda r: r["caption"])
     assert [r["caption"] for r in rows] == [f"a yellow circle number {i}" for i in range(4)]
     assert all(r["width"] == 64 and r["height"] == 64 for r in rows)  # resized by img2dataset
+    config = load_data_config("photos")  # found by its name
+    assert config.folder == str((tmp_path / "photos").resolve()) and config.download == {"image_size": 64}
+    (folder / "img4.png").write_bytes((folder / "img0.png").read_bytes())
+    (folder / "img4.txt").write_text("one more")
+    with pytest.raises(ConfigError, match="has changed since data/photos/ was made from it"):
+        ingest(tmp_path / "photos", "photos")
+    with pytest.raises(ConfigError, match="the name 'tiny' is taken"):
+        (tmp_path / "configs" / "data").mkdir(parents=True)
+        (tmp_path / "configs" / "data" / "tiny.yaml").write_text("name: tiny\n")
+        ingest(tmp_path / "photos", "tiny")
 
 
 def test_ingest_shards_small_folders_finer_in_an_order_that_spreads_them():
@@ -124,7 +139,8 @@ def test_ingest_shards_small_folders_finer_in_an_order_that_spreads_them():
     assert [shard_size(n) for n in (4, 95, 1_391, 5_000, 40_000)] == [1, 10, 140, 500, 500]
 
 
-def test_ingest_empty_folder_is_a_clear_error(tmp_path):
+def test_ingest_empty_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8")
     with pytest.raises(ValueError, match="no image with a caption file"):
-        ingest(tmp_path, "x", data_root=tmp_path / "data")
+        ingest(tmp_path, "x")

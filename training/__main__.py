@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from embeddings.config import ConfigError
+from pipelines.data_config import DEFAULT_DATA
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p = sub.add_parser("sample-prior", help="text → CLIP image embeddings with an exported prior")
     p.add_argument("--config", default="configs/prior/small.yaml", help="the prior's training config")
+    p.add_argument("--data", help="the data set (a name or a config path) in place of the config's")
     p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     p.add_argument("--prompts", help="a file of captions, one a line")
     p.add_argument("--seed", type=int, default=0)
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         ("textdiff", "an image's embedding moved along a text difference"),
     ):
         p = sub.add_parser(job, help=f"{what}; writes a PNG grid")
-        p.add_argument("--models", default="models/synthetic", help="folder holding prior/, decoder/, upsampler/")
+        p.add_argument("--models", help="folder holding prior/, decoder/, upsampler/ (default: models/<data set>)")
+        p.add_argument("--data", default=DEFAULT_DATA, help="the data set (a name or a config path) trained on")
         p.add_argument(
             "--decoder", default="decoder", help="the decoder export to use (decoder-text: the GLIDE-like baseline)"
         )
@@ -58,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--from", dest="from_text", required=True)
             p.add_argument("--to", dest="to_text", required=True)
     p = sub.add_parser("eval", help="unCLIP against the GLIDE-like baseline: accuracy, CLIP score, Fréchet, diversity")
-    p.add_argument("--config", default="configs/data/synthetic.yaml", help="data set config")
+    p.add_argument("--config", default=DEFAULT_DATA, help="the data set: a name or a config path")
     # Unset options take training.unclip_eval.evaluate's defaults.
-    p.add_argument("--models", help="folder of the exports")
+    p.add_argument("--models", help="folder of the exports (default: models/<data set>)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--captions", type=int, help="captions per set (val, heldout)")
     p.add_argument("--per-caption", type=int, help="images drawn per caption (diversity)")
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--outputs", default="outputs", help="where the training runs' logs are (for the loss plot)")
     p = sub.add_parser("clip-eval", help="zero-shot figures of a data set's embeddings (after make embed)")
-    p.add_argument("--config", default="configs/data/synthetic.yaml", help="data set config")
+    p.add_argument("--config", default=DEFAULT_DATA, help="the data set: a name or a config path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data config key")
     p.add_argument("--split", default="val")
     args = parser.parse_args(argv)
     try:
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.data_config import load_data_config
             from training.clip_eval import evaluate_embeddings
 
-            layout = load_data_config(args.config).layout
+            layout = load_data_config(args.config, args.set).layout
             metrics = evaluate_embeddings(layout.embeddings, args.split)
             out = Path("outputs") / f"clip-eval-{layout.root.name}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def models_of(data: str):
+    """models/<name> of a data set (a name or a config path): where its training jobs export by default."""
+    from pathlib import Path
+
+    from pipelines.data_config import load_data_config
+    from training.settings import Run
+
+    return Path(Run.models_root) / load_data_config(data).name
+
+
 def _generate(args) -> None:
     """The four generation commands: build the grid, write it, print where."""
     from pathlib import Path
@@ -127,7 +141,7 @@ def _generate(args) -> None:
     from training.generate import UnCLIP
     from training.grid import save_grid
 
-    model = UnCLIP.load(args.models, args.decoder)
+    model = UnCLIP.load(args.models or models_of(args.data), args.decoder)
     decode = {"steps": args.steps, "guidance_scale": args.guidance}
     if args.job == "sample":
         prompts = list(args.prompt) + (Path(args.prompts).read_text().splitlines() if args.prompts else [])
@@ -164,7 +178,7 @@ def _evaluate(args) -> None:
     from training.unclip_eval import evaluate, main_summary, plot_losses
 
     defaults = {n: p.default for n, p in inspect.signature(evaluate).parameters.items()}
-    models, out = args.models or defaults["models"], args.out or defaults["out_dir"]
+    models, out = args.models or models_of(args.config), args.out or defaults["out_dir"]
     given = {
         "captions": args.captions,
         "per_caption": args.per_caption,
@@ -197,7 +211,7 @@ def _sample_prior(args) -> None:
     from training.prior_job import PRIOR_JOB, load_prior_config
     from training.settings import Run
 
-    run = Run(**PRIOR_JOB.split(load_prior_config(args.config))["run"])
+    run = Run(**PRIOR_JOB.split(load_prior_config(args.config, [f"data={args.data}"] if args.data else None))["run"])
     layout = run.layout()
     prompts = list(args.prompt) + (Path(args.prompts).read_text().splitlines() if args.prompts else [])
     prompts = [p for p in prompts if p.strip()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from embeddings import storage, store
+from embeddings import store
 from embeddings.config import ConfigError
 from embeddings.tars import finished_tars, iter_tar_samples, tar_info
 from training.streaming import Shard
@@ -70,11 +70,11 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") ->
     metadata); a shard without a split is an error."""
     shards = []
     for path in store.shard_paths(embeddings_dir):
-        meta = storage.parquet_file(path)
+        meta = store.shard_file(path)
         if split is not None:
             if "split" not in meta.schema_arrow.names:
                 raise unsplit(path)
-            splits = set(storage.read_parquet(path, columns=["split"]).column("split").to_pylist())
+            splits = set(store.read_shard(path, columns=["split"]).column("split").to_pylist())
             if len(splits) > 1:
                 raise ValueError(f"{path} mixes splits {sorted(map(str, splits))}: trainers select splits per shard")
             if splits == {None}:
@@ -89,7 +89,7 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") ->
 
 def read_parquet_range(shard: Shard, start: int, stop: int, columns: list[str] | None = None) -> Iterator[dict]:
     """Rows start..stop-1 of an embedding shard as dicts (embeddings as float32 row vectors)."""
-    table = storage.read_parquet(shard.path, columns=columns).slice(start, stop - start)
+    table = store.read_shard(shard.path, columns=columns).slice(start, stop - start)
     names = table.column_names
     values = [
         list(store.arrow_to_vectors(table.column(c))) if c in store.EMBEDDING_COLUMNS else table.column(c).to_pylist()

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from embeddings import storage, store
-from embeddings.tars import IMAGE_EXTENSIONS, iter_tar_samples
+from embeddings.tars import IMAGE_EXTENSIONS, iter_tar_samples, tar_members
 from training.data import check_val_split, decode_image, tar_shards
 from training.streaming import Shard, ShardStream
 
@@ -49,11 +49,10 @@ class JoinReport:
 def tar_image_keys(tar_path: str | Path) -> list[str]:
     """Keys of the samples that have an image, in tar order (reads headers only)."""
     keys = []
-    with storage.open_tar(tar_path) as tar:
-        for member in tar:
-            key, _, ext = member.name.rpartition(".")
-            if member.isfile() and ext in IMAGE_EXTENSIONS:
-                keys.append(key)
+    for member, _ in tar_members(tar_path, read=False):
+        key, _, ext = member.name.rpartition(".")
+        if ext in IMAGE_EXTENSIONS:
+            keys.append(key)
     return keys
 
 
@@ -71,9 +70,7 @@ def joined_shards(
             report.missing_shards.append(name)
             report.missing_embedding += len(image_keys)
             continue
-        embedded = set(
-            storage.read_parquet(embeddings_dir / f"{name}.parquet", columns=["key"]).column("key").to_pylist()
-        )
+        embedded = set(store.read_shard(embeddings_dir / f"{name}.parquet", columns=["key"]).column("key").to_pylist())
         joined = sum(k in embedded for k in image_keys)
         report.joined += joined
         report.missing_embedding += len(image_keys) - joined
@@ -144,7 +141,7 @@ class ImageEmbeddingDataModule(L.LightningDataModule):
 
     def read(self, shard: Shard, start: int, stop: int) -> Iterator[dict]:
         """Joined samples start..stop-1 of a tar: its embedding row by key, the image decoded and squared."""
-        table = storage.read_parquet(self.embeddings_dir / f"{store.shard_name(shard.path)}.parquet", columns=COLUMNS)
+        table = store.read_shard(self.embeddings_dir / f"{store.shard_name(shard.path)}.parquet", columns=COLUMNS)
         row_of = {k: i for i, k in enumerate(table.column("key").to_pylist())}
         vectors = {c: store.arrow_to_vectors(table.column(c)) for c in store.EMBEDDING_COLUMNS}
         captions = table.column("caption").to_pylist()

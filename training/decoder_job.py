@@ -50,7 +50,7 @@ def train_decoder(**settings) -> dict:
     """Train the decoder of a config (DECODER_JOB's keys); exports models/<name>/<export>/."""
     parts = DECODER_JOB.split(settings)
     run = ExportRun(**parts["run"])
-    manifest = store.read_manifest(run.layout().embeddings)
+    manifest = store.complete_manifest(run.layout().embeddings)
     clip, hp = clip_record(manifest), parts["module"]
     decoder = fit_text_tokens(check_dim("decoder", hp["decoder"], manifest), hp["text_tokens"], clip, "decoder")
     L.seed_everything(hp["seed"], workers=True)
@@ -61,7 +61,7 @@ def train_upsampler(**settings) -> dict:
     """Train the 4× upsampler of a config (UPSAMPLER_JOB's keys); exports models/<name>/<export>/."""
     parts = UPSAMPLER_JOB.split(settings)
     run = ExportRun(**parts["run"])
-    manifest = store.read_manifest(run.layout().embeddings)
+    manifest = store.complete_manifest(run.layout().embeddings)
     hp = parts["module"]
     upsampler = check_dim("upsampler", hp["upsampler"], manifest) if hp["upsampler"].get("dim") else hp["upsampler"]
     L.seed_everything(hp["seed"], workers=True)
@@ -80,6 +80,8 @@ def _fit(module, run: ExportRun, parts: dict, manifest: dict) -> dict:
     datamodule = ImageEmbeddingDataModule(
         str(layout.shards), str(layout.embeddings), image_size=module.config.image_size, **parts["data"]
     )
+    for split in ("train", datamodule.val_split):  # the join reads every tar and shard now: damage is named here
+        datamodule.shards(split)
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     # The final val loss and sample grid; every rank takes part (under DDP the val loss is averaged over ranks).

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from embeddings import storage
+from embeddings import store
 from training.conditioning import Caption, FrozenText, drop_caption
 from training.data import check_val_split, embedding_shards, read_parquet_range
 from training.diffusion import noise_schedule, sample_timesteps
@@ -228,7 +228,7 @@ class PriorDataModule(L.LightningDataModule):
         """The val pairs, each with a `scene` label from the attribute columns where the data has them."""
         rows = []
         for shard in embedding_shards(self.embeddings_dir, self.val_split):
-            present = [c for c in SCENE_COLUMNS if c in storage.parquet_file(shard.path).schema_arrow.names]
+            present = [c for c in SCENE_COLUMNS if c in store.shard_file(shard.path).schema_arrow.names]
             stop = min(shard.count, self.val_pairs - len(rows))
             for row in read_parquet_range(shard, 0, stop, self.COLUMNS + present):
                 row["scene"] = "|".join(str(row.pop(c)) for c in present) if present else None

@@ -15,6 +15,7 @@ import lightning as L
 from embeddings import store
 from training.conditioning import fit_text_tokens, load_clip
 from training.export import save_export
+from training.data import embedding_shards
 from training.prior import PriorDataModule, PriorModule, to_batch
 from training.prior_net import PriorConfig
 from training.samplers import PriorSampling
@@ -39,7 +40,7 @@ def train_prior(**settings) -> dict:
     parts = PRIOR_JOB.split(settings)
     run = Run(**parts["run"])
     layout = run.layout()
-    manifest = store.read_manifest(layout.embeddings)
+    manifest = store.complete_manifest(layout.embeddings)
     clip = clip_record(manifest)
     load_clip(clip)  # a dropped caption is the CLIP's encoding of "": fail before training if it cannot load
     hp = parts["module"]
@@ -49,6 +50,8 @@ def train_prior(**settings) -> dict:
     L.seed_everything(hp["seed"], workers=True)
     module = PriorModule(**dict(hp, prior=prior, clip=clip))
     datamodule = PriorDataModule(str(layout.embeddings), **parts["data"])
+    for split in ("train", datamodule.val_split):  # every shard's footer read: a damaged one is named now
+        embedding_shards(layout.embeddings, split)
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     if not trainer.is_global_zero:

@@ -24,7 +24,7 @@ _REQUIRED = inspect.Parameter.empty
 class Run:
     """Where a training job reads and writes."""
 
-    data: str  # the data set's config (configs/data/*.yaml)
+    data: str  # the data set: a name (configs/data/<name>.yaml, else data/<name>/data.yaml) or a config's path
     data_root: str | None = None  # overrides the data config's data_root
     name: str | None = None  # models/<name>/ and outputs/train-<kind>-<name>/ (default: the data set's name)
     resume: str | None = "auto"  # auto: the run's last.ckpt if any; a path; never (or null): start afresh
