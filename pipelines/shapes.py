@@ -33,6 +33,20 @@ BACKGROUNDS = {  # background colours, RGB; object colours are never drawn on a 
     "brown": (110, 70, 40),
     "navy": (20, 30, 90),
 }
+# The attribute columns every row of the source carries (what evaluation checks; the second object's
+# are empty in single-object scenes).
+SCENE_COLUMNS = (
+    "background",
+    "n_objects",
+    "shape",
+    "colour",
+    "size",
+    "position",
+    "shape_2",
+    "colour_2",
+    "size_2",
+    "position_2",
+)
 SIZES = {"small": 0.30, "large": 0.46}  # object extent as a fraction of the image side
 POSITIONS = {  # object centre as (x, y) fractions of the image side
     "top left": (0.25, 0.25),

@@ -29,18 +29,6 @@ from pipelines import shapes
 SPLITS = ("val", "heldout", "train")
 BAD_KINDS = ("404", "html", "truncated")
 _HTML_PAGE = b"<!doctype html><html><head><title>Moved</title></head><body>This page has moved.</body></html>\n"
-_COLUMNS = (
-    "background",
-    "n_objects",
-    "shape",
-    "colour",
-    "size",
-    "position",
-    "shape_2",
-    "colour_2",
-    "size_2",
-    "position_2",
-)
 
 
 def plan_splits(n_samples: int, samples_per_shard: int, val_samples: int, heldout_samples: int) -> list[str]:
@@ -72,7 +60,7 @@ def sample_row(index: int, split: str, seed: int, two_object_fraction: float) ->
 
 
 def _attributes(scene: shapes.Scene) -> dict:
-    row = dict.fromkeys(_COLUMNS)
+    row = dict.fromkeys(shapes.SCENE_COLUMNS)
     row["background"], row["n_objects"] = scene.background, len(scene.objects)
     for i, obj in enumerate(scene.objects):
         suffix = "" if i == 0 else f"_{i + 1}"
@@ -168,5 +156,5 @@ def generate(
 
 def _schema() -> pa.Schema:
     """Column types of urls.parquet: strings, and n_objects as int32."""
-    names = ["url", "caption", "split", "sample_id", *_COLUMNS]
+    names = ["url", "caption", "split", "sample_id", *shapes.SCENE_COLUMNS]
     return pa.schema([pa.field(n, pa.int32() if n == "n_objects" else pa.string()) for n in names])

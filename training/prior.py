@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from embeddings import store
+from pipelines import shapes
 from training.conditioning import Caption, FrozenText, drop_caption
 from training.data import check_val_split, embedding_shards, read_parquet_range
 from training.diffusion import noise_schedule, sample_timesteps
@@ -157,20 +158,6 @@ def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scen
     return metrics
 
 
-SCENE_COLUMNS = (
-    "background",
-    "n_objects",
-    "shape",
-    "colour",
-    "size",
-    "position",
-    "shape_2",
-    "colour_2",
-    "size_2",
-    "position_2",
-)
-
-
 def to_batch(rows: list[dict]) -> dict:
     """Embedding rows → a batch: z_i and z_t as (B, D) tensors, keys, captions, scenes and indices as lists."""
     return {
@@ -228,7 +215,7 @@ class PriorDataModule(L.LightningDataModule):
         """The val pairs, each with a `scene` label from the attribute columns where the data has them."""
         rows = []
         for shard in embedding_shards(self.embeddings_dir, self.val_split):
-            present = [c for c in SCENE_COLUMNS if c in store.shard_file(shard.path).schema_arrow.names]
+            present = [c for c in shapes.SCENE_COLUMNS if c in store.shard_file(shard.path).schema_arrow.names]
             stop = min(shard.count, self.val_pairs - len(rows))
             for row in read_parquet_range(shard, 0, stop, self.COLUMNS + present):
                 row["scene"] = "|".join(str(row.pop(c)) for c in present) if present else None
