@@ -105,10 +105,10 @@ class ClipEncoder:
         }
 
     @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed pixels → (B, D) unit-norm float32 image embeddings z_i."""
-        z = self.model.encode_image(pixels.to(self.device, self.dtype))
-        return F.normalize(z.float(), dim=-1).cpu()
+    def encode_images(self, pixels: torch.Tensor, norms: bool = False):
+        """(B, 3, H, W) preprocessed pixels → (B, D) unit-norm float32 image embeddings z_i; with `norms`,
+        also the raw embeddings' norms (B,), from which published priors' raw vectors are recovered."""
+        return _unit(self.model.encode_image(pixels.to(self.device, self.dtype)), norms)
 
     def preprocess_on_device(self, images: list) -> torch.Tensor:
         """open_clip's eval transform (shorter side → size, bicubic; centre crop; normalise) run on the
@@ -134,10 +134,9 @@ class ClipEncoder:
         return out
 
     @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        """B captions → (B, D) unit-norm float32 text embeddings z_t."""
-        z = self.model.encode_text(self.tokenizer(texts).to(self.device))
-        return F.normalize(z.float(), dim=-1).cpu()
+    def encode_texts(self, texts: list[str], norms: bool = False):
+        """B captions → (B, D) unit-norm float32 text embeddings z_t; with `norms`, also the raw norms (B,)."""
+        return _unit(self.model.encode_text(self.tokenizer(texts).to(self.device)), norms)
 
     def to(self, device: torch.device | str) -> ClipEncoder:
         """This encoder, its weights moved to `device` (they keep their dtype)."""
@@ -156,6 +155,13 @@ class ClipEncoder:
         x = m.token_embedding(tokens).to(self.dtype) + m.positional_embedding.to(self.dtype)
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
         return x.float(), tokens != 0
+
+
+def _unit(z: torch.Tensor, norms: bool):
+    """Raw CLIP embeddings → unit vectors on the CPU (and their norms)."""
+    z = z.float()
+    unit = F.normalize(z, dim=-1).cpu()
+    return (unit, z.norm(dim=-1).cpu()) if norms else unit
 
 
 def spec_from_text(text: str) -> dict:

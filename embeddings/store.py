@@ -2,7 +2,10 @@
 
     data/<name>/embeddings/NNNNN.parquet       one per data/<name>/shards/NNNNN.tar:
         key (string), caption (string), image_embedding, text_embedding
-        (fixed_size_list<float16>[D], or float32 by config; L2-normalised), passthrough columns
+        (fixed_size_list<float16>[D], or float32 by config; L2-normalised), image_norm, text_norm
+        (float32: the raw CLIP embeddings' norms, so raw = unit × norm, what published priors such as
+        Karlo's and Kandinsky's read; absent in shards made before them and in imports of vectors that
+        came without them), passthrough columns
     data/<name>/embeddings/NNNNN_record.json   written after the parquet: rows written, skipped by reason
     data/<name>/embeddings/_manifest.json      written by the driver alone: encoder, dtype, records
 
@@ -22,6 +25,7 @@ from embeddings import storage
 from embeddings.config import ConfigError
 
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+NORM_COLUMNS = {"image_embedding": "image_norm", "text_embedding": "text_norm"}
 MANIFEST = "_manifest.json"
 RECORD_SUFFIX = "_record.json"
 _DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
@@ -46,6 +50,17 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np
         column = column.combine_chunks()
     dim = column.type.list_size
     return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)
+
+
+def raw_vectors(table: pa.Table, column: str, where: str = "these embeddings") -> np.ndarray:
+    """The raw CLIP embeddings (N, D) of `column` ("image_embedding" or "text_embedding"): unit × norm."""
+    norm = NORM_COLUMNS[column]
+    if norm not in table.column_names:
+        raise ConfigError(
+            f"{where} carry no {norm} column (embedded before norms were recorded, or imported): the raw CLIP "
+            "vectors a published prior reads cannot be recovered; `make reset-embeddings` and `make embed` again"
+        )
+    return arrow_to_vectors(table.column(column)) * table.column(norm).to_numpy()[:, None]
 
 
 def shard_name(path) -> str:

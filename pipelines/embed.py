@@ -102,7 +102,7 @@ class ShardEmbedder:
         except DamagedTar as err:
             return {"shard": store.shard_name(tar_path), "damaged": err.reason}
         skipped: Counter = Counter()
-        keys, captions, image_vectors, text_vectors = [], [], [], []
+        keys, captions, image_vectors, text_vectors, norms = [], [], [], [], []
         batches = [samples[i : i + self.batch_size] for i in range(0, len(samples), self.batch_size)]
         decoded = self.pool.map(lambda batch: [self._decode(s) for s in batch], batches)  # decodes ahead
         for batch, results in zip(batches, decoded):
@@ -111,8 +111,11 @@ class ShardEmbedder:
             if not good:
                 continue
             pixels = self.encoder.preprocess_on_device([p for _, p in good])
-            image_vectors.append(self.encoder.encode_images(pixels).numpy())
-            text_vectors.append(self.encoder.encode_texts([s["caption"] for s, _ in good]).numpy())
+            unit_i, image_norm = self.encoder.encode_images(pixels, norms=True)
+            unit_t, text_norm = self.encoder.encode_texts([s["caption"] for s, _ in good], norms=True)
+            image_vectors.append(unit_i.numpy())
+            text_vectors.append(unit_t.numpy())
+            norms += list(zip(image_norm.tolist(), text_norm.tolist()))
             keys += [s["key"] for s, _ in good]
             captions += [s["caption"] for s, _ in good]
         dim = self.encoder.dim
@@ -124,6 +127,8 @@ class ShardEmbedder:
                 "caption": pa.array(captions, pa.string()),
                 "image_embedding": store.vectors_to_arrow(z_i, self.dtype),
                 "text_embedding": store.vectors_to_arrow(z_t, self.dtype),
+                "image_norm": pa.array([n[0] for n in norms], pa.float32()),
+                "text_norm": pa.array([n[1] for n in norms], pa.float32()),
             }
         )
         extra = passthrough_table(tar_path, keys, samples)

@@ -45,6 +45,33 @@ def test_rows_match_the_downloads_and_the_contract(tiny_embed):
     assert set(manifest["records"]) == {p.stem for p in config.layout.shards.glob("*.tar")}
 
 
+def test_the_raw_clip_embeddings_are_recovered_from_the_norms(tiny_embed):
+    """unit × norm is the CLIP's raw output (what Karlo's and Kandinsky's priors read), for images and
+    captions; shards without the norms (older, or imported) say so instead of guessing."""
+    import torch
+
+    from embeddings.tars import iter_tar_samples
+    from training.data import decode_image
+
+    config, manifest = tiny_embed
+    tar = sorted(config.layout.shards.glob("*.tar"))[0]
+    table = store.read_shard(config.layout.embeddings / f"{tar.stem}.parquet")
+    raw_i, raw_t = store.raw_vectors(table, "image_embedding"), store.raw_vectors(table, "text_embedding")
+    precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[manifest["encoder"]["compute_dtype"]]
+    encoder = load_encoder({"model": config.embed["encoder"]["model"], "precision": precision})  # as the job ran
+    samples = {s["key"]: s for s in iter_tar_samples(tar)}
+    keys = table.column("key").to_pylist()[:6]
+    pixels = encoder.preprocess_on_device([np.asarray(decode_image(samples[k]["image"])) for k in keys])
+    with torch.inference_mode():
+        expected_i = encoder.model.encode_image(pixels.to(encoder.dtype)).float().numpy()
+        expected_t = encoder.model.encode_text(encoder.tokenizer([samples[k]["caption"] for k in keys])).float().numpy()
+    assert np.abs(np.linalg.norm(expected_i, axis=1) - 1).max() > 0.05  # raw vectors are not unit vectors
+    np.testing.assert_allclose(raw_i[:6], expected_i, rtol=0.02, atol=0.02 * np.abs(expected_i).max())
+    np.testing.assert_allclose(raw_t[:6], expected_t, rtol=0.02, atol=0.02 * np.abs(expected_t).max())
+    with pytest.raises(ConfigError, match="no image_norm column"):
+        store.raw_vectors(table.drop_columns(["image_norm"]), "image_embedding")
+
+
 def test_second_run_gives_the_same_vectors(tiny_embed, tmp_path):
     config, _ = tiny_embed
     embed(config.layout.shards, tmp_path / "again", encoder={"model": config.embed["encoder"]["model"]}, batch_size=7)
