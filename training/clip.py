@@ -24,9 +24,8 @@ from embeddings.encoders import save_clip_folder
 from embeddings.tars import iter_tar_samples
 from training.clip_eval import evaluate_clip
 from training.data import decode_image, read_tar_range, tar_shards
-from training.streaming import ShardStream
 from training.settings import JobSpec, Run
-from training.trainer import StreamingModule, build_trainer, resume_checkpoint, warmup_cosine
+from training.trainer import StreamingDataModule, StreamingModule, build_trainer, resume_checkpoint, warmup_cosine
 
 
 def image_transform(model_cfg: dict):
@@ -137,7 +136,7 @@ class ClipModule(StreamingModule):
 
 
 def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)  # data workers decode; the trainer's threads do the maths
+    torch.set_num_threads(1)
 
 
 def _collate_val(batch):
@@ -145,8 +144,10 @@ def _collate_val(batch):
     return torch.stack(pixels), torch.stack(tokens), list(meta)
 
 
-class ClipDataModule(L.LightningDataModule):
+class ClipDataModule(StreamingDataModule):
     """Train: the train-split tars, streamed. Val: up to `val_samples` val-split samples, in order."""
+
+    worker_init_fn = staticmethod(_one_thread)  # data workers decode; the trainer's threads do the maths
 
     def __init__(
         self,
@@ -159,32 +160,19 @@ class ClipDataModule(L.LightningDataModule):
         shuffle_buffer: int = 2000,
         val_samples: int = 1500,
     ):
-        super().__init__()
-        self.shards_dir, self.batch_size, self.num_workers = shards_dir, batch_size, num_workers
-        self.seed, self.shuffle_buffer, self.val_samples = seed, shuffle_buffer, val_samples
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
+        self.shards_dir, self.val_samples = shards_dir, val_samples
         self.pixels = PixelPipe(model)
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model["text_cfg"].get("context_length", 77))
 
+    def train_shards(self) -> list:
+        return tar_shards(self.shards_dir, "train")
+
+    def read(self, shard, start: int, stop: int):
+        return read_tar_range(shard, start, stop)
+
     def decode(self, sample: dict):
         return self.pixels.to_uint8(sample["image"]), self.tokenizer([sample["caption"]])[0]
-
-    def train_stream(self, epoch: int, skip_batches: int = 0) -> ShardStream:
-        return ShardStream(
-            tar_shards(self.shards_dir, "train"),
-            read_tar_range,
-            self.decode,
-            self.batch_size,
-            seed=self.seed,
-            epoch=epoch,
-            shuffle_buffer=self.shuffle_buffer,
-            skip_batches=skip_batches,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module
-        stream = self.train_stream(self.trainer.current_epoch, module.data_skip())
-        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, worker_init_fn=_one_thread)
 
     def val_dataloader(self) -> DataLoader:
         samples = []

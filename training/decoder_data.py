@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
@@ -22,7 +21,8 @@ from torch.utils.data import DataLoader
 from embeddings import storage, store
 from embeddings.tars import IMAGE_EXTENSIONS, iter_tar_samples, tar_members
 from training.data import check_val_split, decode_image, tar_shards
-from training.streaming import Shard, ShardStream
+from training.streaming import Shard
+from training.trainer import StreamingDataModule
 
 COLUMNS = ["key", "caption", "image_embedding", "text_embedding"]
 
@@ -108,8 +108,10 @@ def to_image_batch(rows: list[dict]) -> dict:
     }
 
 
-class ImageEmbeddingDataModule(L.LightningDataModule):
+class ImageEmbeddingDataModule(StreamingDataModule):
     """Train: the train split's joined samples, streamed. Val: the first `val_samples` joined val samples."""
+
+    collate_fn = staticmethod(to_image_batch)
 
     def __init__(
         self,
@@ -124,11 +126,10 @@ class ImageEmbeddingDataModule(L.LightningDataModule):
         val_samples: int = 256,
         val_split: str = "val",
     ):
-        super().__init__()
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
         check_val_split(val_split)
         self.shards_dir, self.embeddings_dir, self.image_size = shards_dir, storage.as_path(embeddings_dir), image_size
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.shuffle_buffer, self.val_samples, self.val_split = shuffle_buffer, val_samples, val_split
+        self.val_samples, self.val_split = val_samples, val_split
         self.reports: dict[str, JoinReport] = {}
         self._shards: dict[str, list[Shard]] = {}
 
@@ -162,22 +163,8 @@ class ImageEmbeddingDataModule(L.LightningDataModule):
                 }
             position += 1
 
-    def train_stream(self, epoch: int, skip_batches: int = 0) -> ShardStream:
-        return ShardStream(
-            self.shards("train"),
-            self.read,
-            lambda r: r,
-            self.batch_size,
-            seed=self.seed,
-            epoch=epoch,
-            shuffle_buffer=self.shuffle_buffer,
-            skip_batches=skip_batches,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        stream = self.train_stream(self.trainer.current_epoch, self.trainer.lightning_module.data_skip())
-        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=to_image_batch)
+    def train_shards(self) -> list[Shard]:
+        return self.shards("train")
 
     def val_rows(self) -> list[dict]:
         rows = []

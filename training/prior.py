@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,7 @@ from training.data import check_val_split, embedding_shards, read_parquet_range
 from training.diffusion import noise_schedule, sample_timesteps
 from training.prior_net import DiffusionPrior, PriorConfig
 from training.samplers import PriorSampler
-from training.streaming import ShardStream
-from training.trainer import DiffusionModule, gather
+from training.trainer import DiffusionModule, StreamingDataModule, gather
 
 
 class PriorModule(DiffusionModule):
@@ -170,10 +168,11 @@ def to_batch(rows: list[dict]) -> dict:
     }
 
 
-class PriorDataModule(L.LightningDataModule):
+class PriorDataModule(StreamingDataModule):
     """Train: the train-split embedding shards, streamed. Val: the first `val_pairs` val rows."""
 
     COLUMNS = ["key", "caption", "image_embedding", "text_embedding"]
+    collate_fn = staticmethod(to_batch)
 
     def __init__(
         self,
@@ -186,30 +185,15 @@ class PriorDataModule(L.LightningDataModule):
         val_pairs: int = 1000,
         val_split: str = "val",
     ):
-        super().__init__()
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
         check_val_split(val_split)
-        self.embeddings_dir, self.batch_size, self.num_workers = embeddings_dir, batch_size, num_workers
-        self.seed, self.shuffle_buffer, self.val_pairs, self.val_split = seed, shuffle_buffer, val_pairs, val_split
+        self.embeddings_dir, self.val_pairs, self.val_split = embeddings_dir, val_pairs, val_split
+
+    def train_shards(self) -> list:
+        return embedding_shards(self.embeddings_dir, "train")
 
     def read(self, shard, start, stop):
         return read_parquet_range(shard, start, stop, self.COLUMNS)
-
-    def train_stream(self, epoch: int, skip_batches: int = 0) -> ShardStream:
-        return ShardStream(
-            embedding_shards(self.embeddings_dir, "train"),
-            self.read,
-            lambda r: r,
-            self.batch_size,
-            seed=self.seed,
-            epoch=epoch,
-            shuffle_buffer=self.shuffle_buffer,
-            skip_batches=skip_batches,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        stream = self.train_stream(self.trainer.current_epoch, self.trainer.lightning_module.data_skip())
-        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=to_batch)
 
     def val_rows(self) -> list[dict]:
         """The val pairs, each with a `scene` label from the attribute columns where the data has them."""

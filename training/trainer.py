@@ -20,6 +20,7 @@ from embeddings.config import ConfigError
 from embeddings.hardware import bf16_is_fast
 from training.diffusion import stream
 from training.export import FORMAT, attention_layout, check_layout
+from training.streaming import ShardStream
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -210,3 +211,55 @@ class DiffusionModule(StreamingModule):
         hparams = {k: v for k, v in self.hparams.items() if k not in (self.kind, "clip")}
         hparams["sampling"] = asdict(self.sampler.sampling)
         return {self.kind: self.config.to_dict(), "hparams": hparams, "metrics": metrics or {}}
+
+
+class StreamingDataModule(L.LightningDataModule):
+    """Train batches streamed over shards (training/streaming.py: planned per epoch, split over ranks and
+    workers, resumed mid-epoch at the data position of the trainer's module). A subclass names its
+    train shards, reads a range of one, and may decode records, collate batches and set up workers."""
+
+    collate_fn = None  # DataLoader's default
+    worker_init_fn = None
+
+    def __init__(self, *, batch_size: int, num_workers: int, seed: int, shuffle_buffer: int):
+        super().__init__()
+        self.batch_size, self.num_workers, self.seed, self.shuffle_buffer = (
+            batch_size,
+            num_workers,
+            seed,
+            shuffle_buffer,
+        )
+
+    def train_shards(self) -> list:
+        raise NotImplementedError
+
+    def read(self, shard, start: int, stop: int):
+        raise NotImplementedError
+
+    def decode(self, record):
+        return record
+
+    def train_stream(self, epoch: int, skip_batches: int = 0) -> ShardStream:
+        return ShardStream(
+            self.train_shards(),
+            self.read,
+            self.decode,
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            skip_batches=skip_batches,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        stream = self.train_stream(self.trainer.current_epoch, self.trainer.lightning_module.data_skip())
+        return DataLoader(
+            stream,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            worker_init_fn=self.worker_init_fn,
+        )
