@@ -3,7 +3,7 @@
     python bench/prior.py [--width 512 --depth 6 --heads 8 --batch 32 --steps 30] [--dalle2]
                           [--embeddings data/synthetic/embeddings]
 
-1. ours: `training.prior_net.DiffusionPrior` with 77 per-token text encodings, one AdamW training
+1. ours: `training.prior_net.DiffusionPrior` (diffusers' PriorTransformer) with 77 per-token text encodings, one AdamW training
    step at a time (forward, MSE on x_0, backward, step), in the precision embeddings.hardware picks;
    samples/s over `--steps` steps after 3 warm-up steps, and the loss after them;
 2. with --dalle2: DALLE2-pytorch's `DiffusionPrior` + `DiffusionPriorNetwork` at the same width,
@@ -72,16 +72,17 @@ def ours(args, data) -> dict:
         )
     )
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
-    schedule, scale = noise_schedule("sample"), args.width**0.5
-    empty = Caption(torch.zeros(1, args.width), data["tokens"][:1] * 0)  # stands in for the encoded ""
+    schedule = noise_schedule("sample")
+    mask = torch.ones(data["tokens"].shape[:2], dtype=torch.bool)
+    empty = Caption(torch.zeros(1, args.width), data["tokens"][:1] * 0, mask[:1])  # stands in for the encoded ""
 
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            x_0 = data["z_i"] * scale
+            x_0 = net.normalise(data["z_i"])
             t = sample_timesteps(args.batch)
             x_t = schedule.add_noise(x_0, torch.randn_like(x_0), t)
-            c = drop_caption(Caption(data["z_t"], data["tokens"]), torch.rand(args.batch) < 0.1, empty)
-            loss = F.mse_loss(net(x_t, t, c.z_t, c.tokens).float(), x_0)
+            c = drop_caption(Caption(data["z_t"], data["tokens"], mask), torch.rand(args.batch) < 0.1, empty)
+            loss = F.mse_loss(net(x_t, t, c.z_t, c.tokens, c.mask).float(), x_0)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -52,14 +52,21 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np
     return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)
 
 
+def require_norms(column_names: list[str], where: str = "these embeddings", columns=tuple(NORM_COLUMNS)) -> None:
+    """Refuse embeddings that lack the norm column of any of `columns` (raw = unit × norm needs it)."""
+    for column in columns:
+        if NORM_COLUMNS[column] not in column_names:
+            raise ConfigError(
+                f"{where} carry no {NORM_COLUMNS[column]} column (embedded before norms were recorded, or imported): "
+                "the raw CLIP vectors a published prior reads cannot be recovered; `make reset-embeddings` and "
+                "`make embed` again"
+            )
+
+
 def raw_vectors(table: pa.Table, column: str, where: str = "these embeddings") -> np.ndarray:
     """The raw CLIP embeddings (N, D) of `column` ("image_embedding" or "text_embedding"): unit × norm."""
+    require_norms(table.column_names, where, (column,))
     norm = NORM_COLUMNS[column]
-    if norm not in table.column_names:
-        raise ConfigError(
-            f"{where} carry no {norm} column (embedded before norms were recorded, or imported): the raw CLIP "
-            "vectors a published prior reads cannot be recovered; `make reset-embeddings` and `make embed` again"
-        )
     return arrow_to_vectors(table.column(column)) * table.column(norm).to_numpy()[:, None]
 
 

@@ -51,7 +51,9 @@ def tiny_download(tiny_source, ray_local):
 TINY_CLIP = dict(
     embed_dim=32,
     vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
-    text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2),
+    text_cfg=dict(
+        context_length=32, vocab_size=49408, width=32, heads=2, layers=2
+    ),  # text width = dim, as a PriorTransformer needs
 )
 
 

@@ -425,7 +425,7 @@ def test_tiny_decoder_trains_with_clip_text_tokens(tiny_embed, tmp_path):
     )
     assert len(record.losses) == 3 and all(math.isfinite(loss) for loss in record.losses)
     decoder = load_decoder(tmp_path / "models" / "tiny" / "decoder")
-    assert decoder.config.text_token_width == 64  # the tiny CLIP's text width
+    assert decoder.config.text_token_width == 32  # the tiny CLIP's text width
     z = torch.nn.functional.normalize(torch.randn(2, decoder.config.dim), dim=-1)
     with_caption = decoder.sample(z, [0, 1], ["a red circle", "a blue square"], steps=3)
     assert not torch.allclose(with_caption, decoder.sample(z, [0, 1], steps=3))

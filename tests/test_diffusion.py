@@ -109,24 +109,32 @@ def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_output
 
 
 def tiny_prior(tokens: bool = True) -> DiffusionPrior:
-    config = PriorConfig(dim=8, width=16, depth=2, heads=2, text_token_width=6 if tokens else 0, max_text_tokens=5)
+    config = PriorConfig(dim=8, width=16, depth=2, heads=2, text_token_width=8 if tokens else 0, max_text_tokens=5)
     torch.manual_seed(0)
     return DiffusionPrior(config).eval()
 
 
-def test_prior_attention_is_causal():
+@pytest.mark.parametrize("tokens", [True, False])
+def test_prior_attention_is_causal_and_ignores_padding(tokens):
     """Perturbing x_t (second to last in the sequence) leaves the outputs of every earlier position as they
-    were, and changes the query's."""
-    net = tiny_prior()
+    were and changes the query's; a padding token's encoding changes nothing (it is masked out)."""
+    net = tiny_prior(tokens)
     hidden = []
-    net.transformer.register_forward_hook(lambda module, args, out: hidden.append(out))
-    inputs = dict(t=torch.tensor([500, 20]), z_t=torch.randn(2, 8), text_tokens=torch.randn(2, 5, 6))
+    net.transformer.norm_out.register_forward_hook(lambda module, args, out: hidden.append(out))
+    text = dict(text_tokens=torch.randn(2, 5, 8), token_mask=torch.tensor([[1, 1, 1, 0, 0]] * 2).bool())
+    inputs = dict(t=torch.tensor([500, 20]), z_t=torch.randn(2, 8), **(text if tokens else {}))
     x_t = torch.randn(2, 8)
     net(x_t=x_t, **inputs)
     net(x_t=x_t + 1.0, **inputs)
-    before, after = hidden
+    before, after = hidden[:2]
     torch.testing.assert_close(after[:, :-2], before[:, :-2], atol=1e-6, rtol=0)
     assert not torch.allclose(after[:, -1], before[:, -1])
+    if tokens:
+        padded = dict(inputs, text_tokens=text["text_tokens"].clone())
+        padded["text_tokens"][:, 3:] += 5.0
+        torch.testing.assert_close(net(x_t=x_t, **padded), net(x_t=x_t, **inputs), atol=1e-6, rtol=0)
+        shorter = dict(inputs, text_tokens=text["text_tokens"][:, :3], token_mask=text["token_mask"][:, :3])
+        torch.testing.assert_close(net(x_t=x_t, **shorter), net(x_t=x_t, **inputs), atol=1e-6, rtol=0)
 
 
 def test_a_dropped_caption_is_the_empty_caption_whatever_the_caption_was(tiny_clip_dir):

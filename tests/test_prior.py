@@ -176,9 +176,59 @@ def test_tiny_prior_trains_with_clip_text_tokens(prior_settings, tiny_embed):
     metrics, record = _run(settings, root, "tokens", text_tokens="clip", max_steps=3, val_every=1000, resume=None)
     assert len(record.losses) == 3 and all(np.isfinite(record.losses)) and metrics["step"] == 3
     exported = json.loads((root / "models" / "tiny" / "prior" / "config.json").read_text())
-    assert (exported["prior"]["text_token_width"], exported["prior"]["max_text_tokens"]) == (64, 32)
+    assert (exported["prior"]["text_token_width"], exported["prior"]["max_text_tokens"]) == (32, 32)
     z = sample_prior(["a red circle"], root / "models" / "tiny" / "prior", config.layout.embeddings, steps=4)
     assert z.shape == (1, 32)
+
+
+def test_fine_tuning_a_published_prior_moves_the_loss_and_round_trips_to_diffusers(prior_settings, tiny_embed):
+    """init_from a tiny Karlo-layout prior (statistics of the tiny data's raw image embeddings): 20 steps on the
+    tiny embeddings in raw CLIP space lower the loss; the export samples unit vectors, writes back to a
+    diffusers folder that diffusers loads with the same outputs, and init_from reads that folder exactly."""
+    from diffusers import PriorTransformer
+
+    from embeddings import store
+    from training.data import embedding_shards
+    from training.prior_net import DiffusionPrior, PriorConfig
+    from training.published import load_published_prior, save_prior_diffusers
+
+    settings, root = prior_settings
+    config, _ = tiny_embed
+    shard = embedding_shards(config.layout.embeddings, "train")[0]
+    raw = store.raw_vectors(store.read_shard(shard.path), "image_embedding")
+    torch.manual_seed(0)
+    published = PriorTransformer(
+        num_attention_heads=2, attention_head_dim=16, num_layers=1, embedding_dim=32, num_embeddings=32
+    )
+    with torch.no_grad():
+        published.clip_mean.copy_(torch.from_numpy(raw.mean(0, keepdims=True)))
+        published.clip_std.copy_(torch.from_numpy(raw.std(0, keepdims=True)))
+    published.save_pretrained(root / "published")
+    overrides = dict(init_from=str(root / "published"), prior=None, text_tokens="clip", name="finetuned")
+    metrics, record = _run(settings, root, "finetune", max_steps=20, val_every=1000, resume=None, **overrides)
+    assert np.mean(record.losses[-5:]) < np.mean(record.losses[:5]) and metrics["step"] == 20
+
+    folder = root / "models" / "finetuned" / "prior"
+    assert json.loads((folder / "config.json").read_text())["prior"]["clip_space"] == "raw"
+    sampler = load_prior(folder)
+    moved = [
+        k for k, v in published.state_dict().items() if not torch.equal(v, sampler.net.transformer.state_dict()[k])
+    ]
+    assert moved and "clip_mean" not in moved and "clip_std" not in moved  # trained weights, fixed statistics
+    z = sample_prior(["a red circle"], folder, config.layout.embeddings, steps=4)
+    assert z.shape == (1, 32) and np.isclose(np.linalg.norm(z), 1.0, atol=1e-4)
+
+    save_prior_diffusers(sampler.net, root / "exported")
+    again = PriorTransformer.from_pretrained(root / "exported").eval()
+    x_t, z_t, tokens = torch.randn(2, 32), torch.randn(2, 32), torch.randn(2, 32, 32)
+    mask, t = torch.arange(32)[None] < torch.tensor([[7], [32]]), torch.tensor([3, 700])
+    with torch.no_grad():
+        ours = sampler.net(x_t, t, z_t, tokens, mask)
+        theirs = again(x_t, t, z_t, encoder_hidden_states=tokens, attention_mask=mask).predicted_image_embedding
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    reloaded = DiffusionPrior(PriorConfig(**sampler.config.to_dict()))
+    load_published_prior(reloaded, root / "exported")
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in sampler.net.state_dict().items())
 
 
 def test_two_processes_validate_on_every_pair_as_one_process_does(lightning_ddp):

@@ -4,11 +4,13 @@ pipeline), exercised offline through tiny random-weight instances (tests/diffuse
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import pytest
 import torch
 
-from .diffusers_tiny import tiny_kandinsky_prior_pipeline, tiny_unclip_pipeline
+from .diffusers_tiny import CLIP_DIM, tiny_kandinsky_prior_pipeline, tiny_unclip_pipeline
 
 # diffusers 0.42.1 saves the text projection of UnCLIPPipeline as ["diffusers", "UnCLIPTextProjModel"],
 # which it cannot load back (the class lives in diffusers.pipelines.deprecated.unclip); Karlo's own
@@ -39,3 +41,105 @@ def test_the_pinned_transformers_runs_diffusers_unclip_and_kandinsky_pipelines_o
     loaded = KandinskyV22PriorPipeline.from_pretrained(tmp_path / "kandinsky" / "saved")
     again = loaded("a blue square", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).image_embeds
     assert embeds.shape == (1, 32) and torch.allclose(again, embeds, atol=1e-6)
+
+
+LAYOUTS = {
+    "karlo": {},  # PriorTransformer's defaults: silu timestep MLP, no input norms
+    "kandinsky22": dict(
+        time_embed_act_fn="gelu", norm_in_type="layer", embedding_proj_norm_type="layer", encoder_hid_proj_type="linear"
+    ),
+}
+
+
+def published_prior(folder, layout: str, **sizes):
+    """A tiny random-weight PriorTransformer in a published layout, saved as the prior/ of a pipeline folder,
+    with clip statistics of raw vectors (not the unit space's 0 and 1/√D)."""
+    from .diffusers_tiny import tiny_prior
+
+    reference = tiny_prior(**LAYOUTS[layout], **sizes)
+    with torch.no_grad():
+        for p in reference.parameters():  # every tensor random, so a mismatch anywhere shows
+            p.add_(0.05 * torch.randn_like(p))
+        reference.clip_mean.copy_(torch.randn_like(reference.clip_mean))
+        reference.clip_std.copy_(torch.rand_like(reference.clip_std) + 0.5)
+    reference.save_pretrained(folder / "prior")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "UnCLIPPipeline"}))
+    return reference
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_init_from_a_published_prior_computes_what_diffusers_computes(layout, tmp_path):
+    """Our prior built from the folder's sizes and filled from its weights: the same x_0 as diffusers'
+    PriorTransformer on the same inputs (token encodings shorter than the slots are padded and masked),
+    and the same raw-space statistics."""
+    from training.prior_net import DiffusionPrior, PriorConfig
+    from training.published import checked_prior_sizes, load_published_prior
+
+    reference = published_prior(tmp_path, layout)
+    sizes = checked_prior_sizes(tmp_path, None)
+    assert sizes["clip_space"] == "raw" and sizes["text_token_width"] == sizes["dim"] == CLIP_DIM
+    net = DiffusionPrior(PriorConfig(**sizes)).eval()
+    load_published_prior(net, tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x_t, z_t = torch.randn(3, CLIP_DIM, generator=g), torch.randn(3, CLIP_DIM, generator=g)
+    tokens, t = torch.randn(3, 16, CLIP_DIM, generator=g), torch.tensor([0, 400, 999])
+    mask = torch.arange(16)[None] < torch.tensor([[16], [5], [2]])
+    with torch.no_grad():
+        expected = reference(x_t, t, z_t, encoder_hidden_states=tokens, attention_mask=mask).predicted_image_embedding
+        torch.testing.assert_close(net(x_t, t, z_t, tokens, mask), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(net(x_t, t, z_t, tokens[:, :5], mask[:, :5])[1:], expected[1:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(net.denormalise(x_t), reference.post_process_latents(x_t))
+        torch.testing.assert_close(net.denormalise(net.normalise(z_t)), z_t, atol=1e-5, rtol=0)
+
+
+def _edit_weights(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "prior" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda s: s.__setitem__("proj_inn.weight", s.pop("proj_in.weight")),
+            "missing proj_in.weight; unexpected proj_inn.weight",
+        ),
+        (
+            lambda s: s.__setitem__("clip_std", s["clip_std"][:, :-1]),
+            "clip_std has shape (1, 31), the network holds (1, 32)",
+        ),
+        (lambda s: s.pop("prd_embedding"), "missing prd_embedding"),
+    ],
+)
+def test_a_published_prior_with_a_renamed_reshaped_or_missing_tensor_is_refused_by_name(tmp_path, edit, message):
+    from embeddings.config import ConfigError
+    from training.prior_net import DiffusionPrior, PriorConfig
+    from training.published import checked_prior_sizes, load_published_prior
+
+    published_prior(tmp_path, "karlo")
+    _edit_weights(tmp_path, edit)
+    net = DiffusionPrior(PriorConfig(**checked_prior_sizes(tmp_path, None)))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_published_prior(net, tmp_path)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # nothing half-loaded
+
+
+def test_config_sizes_that_contradict_the_published_prior_are_refused(tmp_path):
+    from embeddings.config import ConfigError
+    from training.published import checked_prior_sizes
+
+    published_prior(tmp_path, "karlo")
+    assert checked_prior_sizes(tmp_path, {"dim": CLIP_DIM, "dropout": 0.1})["dropout"] == 0.1
+    with pytest.raises(ConfigError, match=r"prior.depth is 4 but the prior at init_from .* has 1"):
+        checked_prior_sizes(tmp_path, {"depth": 4})
+    config = json.loads((tmp_path / "prior" / "config.json").read_text())
+    (tmp_path / "prior" / "config.json").write_text(json.dumps(dict(config, added_emb_type=None)))
+    with pytest.raises(ConfigError, match="added_emb_type = None"):
+        checked_prior_sizes(tmp_path, None)
+    with pytest.raises(ConfigError, match="not a diffusers folder"):
+        checked_prior_sizes(tmp_path / "prior" / "nothing", None)

@@ -103,15 +103,22 @@ class FrozenText:
         tokens, mask = self.encoder(device).encode_text_tokens(captions)
         return tokens.clone().to(device), mask.clone().to(device)  # clones: ordinary tensors, not inference tensors
 
-    def empty(self, device) -> Caption:
-        """The empty caption "" as the CLIP encodes it (in fp32): the condition a dropped caption becomes."""
-        key = str(device)
+    def empty(self, device, raw: bool = False) -> Caption:
+        """The empty caption "" as the CLIP encodes it (in fp32): the condition a dropped caption becomes.
+        z_t("") is a unit vector, or with `raw` the CLIP's raw text embedding (for priors in raw space)."""
+        key = f"{device}/{raw}"
         if key not in self._empty:
             with torch.autocast(torch.device(device).type, enabled=False):
-                z_t = self.encoder(device).encode_texts([""]).clone().to(device)
+                z_t, norm = self.encoder(device).encode_texts([""], norms=True)
+                z_t = (z_t * norm[:, None] if raw else z_t).clone().to(device)
                 tokens, mask = self.tokens([""], device)
             self._empty[key] = Caption(z_t, tokens, mask)
         return self._empty[key]
+
+    def norms(self, captions: list[str], device) -> torch.Tensor:
+        """The norms (B,) of the CLIP's raw text embeddings of `captions` (in fp32): unit z_t × norm = raw z_t."""
+        with torch.autocast(torch.device(device).type, enabled=False):
+            return self.encoder(device).encode_texts(list(captions), norms=True)[1].clone().to(device)
 
 
 def drop_caption(caption: Caption, drop: torch.Tensor | None, empty: Caption) -> Caption:

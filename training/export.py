@@ -21,9 +21,10 @@ from training.prior_net import DiffusionPrior, PriorConfig
 from training.samplers import DecoderSampler, PriorSampler, UpsamplerSampler
 
 CLIP_FIELDS = ("model", "weights", "pretrained", "checksum")
-# Bumped whenever the same weights would mean something else: 2 = attention heads of width head_width
-# (diffusers' argument read as head counts before), dropped captions as the encoded empty caption.
-FORMAT = 2
+# Per kind, bumped whenever the same weights would mean something else. 2 = attention heads of width
+# head_width (diffusers' argument read as head counts before), dropped captions as the encoded empty
+# caption; prior 3 = the network is diffusers' PriorTransformer (training/prior_net.py).
+FORMATS = {"prior": 3, "decoder": 2, "upsampler": 2}
 
 
 def attention_layout(net: torch.nn.Module) -> list[list[int]]:
@@ -60,7 +61,7 @@ def save_export(folder: str | Path, kind: str, net: torch.nn.Module, config: dic
     tmp = folder / f".{kind}.safetensors.tmp"
     save_file(state, str(tmp))
     tmp.replace(folder / f"{kind}.safetensors")
-    record = dict(config, kind=kind, format=FORMAT, layout=attention_layout(net))
+    record = dict(config, kind=kind, format=FORMATS[kind], layout=attention_layout(net))
     store.write_json(folder / "config.json", dict(record, clip={k: encoder.get(k) for k in CLIP_FIELDS}))
     return folder
 
@@ -74,9 +75,10 @@ def load_export(
     if not (folder / "config.json").is_file() or not (folder / f"{kind}.safetensors").is_file():
         raise FileNotFoundError(f"no exported {kind} in {folder}: run `make train-{kind}` first")
     config = json.loads((folder / "config.json").read_text())
-    if config.get("format") != FORMAT:
+    if config.get("format") != FORMATS[kind]:
         raise ConfigError(
-            f"the {kind} in {folder} is export format {config.get('format', 1)}, this code reads format {FORMAT}: "
+            f"the {kind} in {folder} is export format {config.get('format', 1)}, this code reads format "
+            f"{FORMATS[kind]}: "
             f"retrain it (`make train-{kind}`)"
         )
     recorded = config["clip"].get("checksum")

@@ -1,14 +1,14 @@
 """`make train-prior`: the diffusion prior (text → CLIP image embedding), streaming embedding shards.
 
-The LightningModule holds the loss (MSE on x_0 = √D·z_i, unCLIP §2.2), classifier-free dropout of
-the caption (10%: the empty caption in its place, training/conditioning.py), AdamW, and an EMA copy
-of the network used for evaluation, sampling and export. Sampling is training/samplers.py's
+The LightningModule holds the loss (MSE on x_0, the image embedding in the prior's normalised space:
+√D·z_i for priors trained from scratch, unCLIP §2.2), classifier-free dropout of the caption (10%: the
+empty caption in its place, training/conditioning.py), AdamW, and an EMA copy of the network used for
+evaluation, sampling and export. `init_from` starts from published weights (training/published.py);
+such a prior reads raw CLIP vectors (unit × the norm columns of the shards). Sampling is training/samplers.py's
 PriorSampler: DDIM with few steps, guidance, best-of-N by dot product with z_t.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from training.conditioning import Caption, FrozenText, drop_caption
 from training.data import check_val_split, embedding_shards, read_parquet_range
 from training.diffusion import noise_schedule, sample_timesteps
 from training.prior_net import DiffusionPrior, PriorConfig
+from training.published import load_published_prior
 from training.samplers import PriorSampler
 from training.trainer import DiffusionModule, StreamingDataModule, gather
 
@@ -32,9 +33,10 @@ class PriorModule(DiffusionModule):
 
     def __init__(
         self,
-        prior: dict,
-        clip: dict,
+        prior: dict | None = None,
+        clip: dict | None = None,
         *,
+        init_from: str | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.05,
         warmup_steps: int = 200,
@@ -45,37 +47,50 @@ class PriorModule(DiffusionModule):
         sampling: dict | None = None,
         seed: int = 0,
     ):
-        """`prior`: PriorConfig sizes; `clip`: the CLIP the embeddings were made with (EncoderSpec fields),
-        which encodes the empty caption and, with `text_tokens: clip`, per-token encodings; `sampling`:
-        PriorSampling fields."""
+        """`prior`: PriorConfig sizes (with `init_from`: those of the published prior); `clip`: the CLIP the
+        embeddings were made with (EncoderSpec fields), which encodes the empty caption and, with
+        `text_tokens: clip`, per-token encodings; `init_from`: a published prior's folder (Karlo's or
+        Kandinsky 2.2's diffusers layout) whose weights start training; `sampling`: PriorSampling fields."""
         super().__init__()
         self.save_hyperparameters()
-        self.config = PriorConfig(**prior)
-        self.init_nets(DiffusionPrior(self.config))
+        self.config = PriorConfig(**(prior or {}))
+        net = DiffusionPrior(self.config)
+        if init_from:
+            load_published_prior(net, init_from)
+        self.init_nets(net)
         self.schedule = noise_schedule("sample")
-        self.scale = math.sqrt(self.config.dim)  # unit vectors → per-dimension variance ~1
         self.text = FrozenText(text_tokens, clip)
         self.sampler = PriorSampler(self.ema, self.text, sampling)
         self.metrics: dict = {}
         self._val: list[dict] = []
 
     def caption(self, z_t: torch.Tensor, captions: list[str]) -> Caption:
-        """The caption condition of a batch: z_t and, with text tokens, their encodings and mask."""
+        """The caption condition of a batch: z_t (in the prior's space) and, with text tokens, their encodings
+        and mask."""
         return Caption(z_t.float(), *self.text.tokens(list(captions), self.device))
+
+    def embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_i, z_t) of a batch as the prior reads them: unit vectors, or raw ones (unit × norm) for a prior in
+        raw CLIP space."""
+        z_i, z_t = batch["z_i"].float(), batch["z_t"].float()
+        if self.config.clip_space == "raw":
+            z_i, z_t = z_i * batch["image_norm"][:, None].to(z_i), z_t * batch["text_norm"][:, None].to(z_t)
+        return z_i, z_t
 
     def forward_loss(self, z_i: torch.Tensor, caption: Caption, generator: torch.Generator) -> torch.Tensor:
         """MSE between predicted and true x_0 for a batch, captions dropped with probability cond_drop_prob."""
-        x_0 = z_i * self.scale
+        x_0 = self.net.normalise(z_i)
         t = sample_timesteps(x_0.shape[0], generator, x_0.device)
         noise = torch.randn(x_0.shape, generator=generator, device=x_0.device)
         x_t = self.schedule.add_noise(x_0, noise, t)
         drop = torch.rand(x_0.shape[0], generator=generator, device=x_0.device) < self.hparams.cond_drop_prob
-        c = drop_caption(caption, drop, self.text.empty(self.device))
+        empty = self.text.empty(self.device, raw=self.config.clip_space == "raw")
+        c = drop_caption(caption, drop, empty)
         return F.mse_loss(self.net(x_t, t, c.z_t, c.tokens, c.mask), x_0)
 
     def training_step(self, batch, batch_idx):
-        caption = self.caption(batch["z_t"], batch["caption"])
-        loss = self.count_batch(self.forward_loss(batch["z_i"].float(), caption, self.step_generator()))
+        z_i, z_t = self.embeddings(batch)
+        loss = self.count_batch(self.forward_loss(z_i, self.caption(z_t, batch["caption"]), self.step_generator()))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -157,8 +172,9 @@ def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scen
 
 
 def to_batch(rows: list[dict]) -> dict:
-    """Embedding rows → a batch: z_i and z_t as (B, D) tensors, keys, captions, scenes and indices as lists."""
-    return {
+    """Embedding rows → a batch: z_i and z_t as (B, D) unit tensors (and their raw norms (B,) where read), keys,
+    captions, scenes and indices as lists."""
+    batch = {
         "z_i": torch.from_numpy(np.stack([r["image_embedding"] for r in rows])),
         "z_t": torch.from_numpy(np.stack([r["text_embedding"] for r in rows])),
         "key": [r["key"] for r in rows],
@@ -166,12 +182,16 @@ def to_batch(rows: list[dict]) -> dict:
         "scene": [r.get("scene") for r in rows],
         "index": [r.get("index") for r in rows],  # a val pair's position among all val pairs (its seed)
     }
+    for column in store.NORM_COLUMNS.values():
+        if column in rows[0]:
+            batch[column] = torch.tensor([r[column] for r in rows], dtype=torch.float32)
+    return batch
 
 
 class PriorDataModule(StreamingDataModule):
-    """Train: the train-split embedding shards, streamed. Val: the first `val_pairs` val rows."""
+    """Train: the train-split embedding shards, streamed. Val: the first `val_pairs` val rows. With `raw_norms`
+    (a prior in raw CLIP space), the rows carry the norm columns too."""
 
-    COLUMNS = ["key", "caption", "image_embedding", "text_embedding"]
     collate_fn = staticmethod(to_batch)
 
     def __init__(
@@ -184,16 +204,20 @@ class PriorDataModule(StreamingDataModule):
         shuffle_buffer: int = 4096,
         val_pairs: int = 1000,
         val_split: str = "val",
+        raw_norms: bool = False,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
         check_val_split(val_split)
         self.embeddings_dir, self.val_pairs, self.val_split = embeddings_dir, val_pairs, val_split
+        self.columns = ["key", "caption", "image_embedding", "text_embedding"]
+        if raw_norms:
+            self.columns += list(store.NORM_COLUMNS.values())
 
     def train_shards(self) -> list:
         return embedding_shards(self.embeddings_dir, "train")
 
     def read(self, shard, start, stop):
-        return read_parquet_range(shard, start, stop, self.COLUMNS)
+        return read_parquet_range(shard, start, stop, self.columns)
 
     def val_rows(self) -> list[dict]:
         """The val pairs, each with a `scene` label from the attribute columns where the data has them."""
@@ -201,7 +225,7 @@ class PriorDataModule(StreamingDataModule):
         for shard in embedding_shards(self.embeddings_dir, self.val_split):
             present = [c for c in shapes.SCENE_COLUMNS if c in store.shard_file(shard.path).schema_arrow.names]
             stop = min(shard.count, self.val_pairs - len(rows))
-            for row in read_parquet_range(shard, 0, stop, self.COLUMNS + present):
+            for row in read_parquet_range(shard, 0, stop, self.columns + present):
                 row["scene"] = "|".join(str(row.pop(c)) for c in present) if present else None
                 rows.append(row)
             if len(rows) >= self.val_pairs:

@@ -18,13 +18,14 @@ from training.export import save_export
 from training.data import embedding_shards
 from training.prior import PriorDataModule, PriorModule, to_batch
 from training.prior_net import PriorConfig
+from training.published import checked_prior_sizes, statistics_fit
 from training.samplers import PriorSampling
 from training.settings import JobSpec, Run, check_dim, clip_record
 from training.trainer import build_trainer, resume_checkpoint
 
 PRIOR_JOB = JobSpec(
     {"run": Run, "module": PriorModule, "data": PriorDataModule, "trainer": build_trainer},
-    exclude=("clip", "embeddings_dir", "run_dir", "callbacks"),
+    exclude=("clip", "embeddings_dir", "run_dir", "callbacks", "raw_norms"),
     sections={"prior": PriorConfig, "sampling": PriorSampling},
 )
 
@@ -32,6 +33,19 @@ PRIOR_JOB = JobSpec(
 def load_prior_config(path: str | Path, overrides: list[str] | None = None) -> dict:
     """A train-prior config (configs/prior/*.yaml plus `key=value` overrides), checked and with defaults filled."""
     return PRIOR_JOB.load(path, overrides)
+
+
+def report_statistics(net, rows: list[dict]) -> None:
+    """Print how the published prior's clip_mean / clip_std fit this data's raw image embeddings; warn when
+    they are far off (embeddings of another CLIP than the prior's)."""
+    batch = to_batch(rows)
+    spread = statistics_fit(net, batch["z_i"] * batch["image_norm"][:, None])
+    print(f"init_from: this data's image embeddings in the prior's normalised space have std {spread:.2f} (1 = fit)")
+    if not 0.5 < spread < 2.0:
+        print(
+            "warning: the published prior's clip statistics do not describe these embeddings: were they made with "
+            "the prior's own CLIP (Karlo: OpenAI ViT-L/14; Kandinsky 2.2: ViT-bigG-14 laion2b_s39b_b160k)?"
+        )
 
 
 def train_prior(**settings) -> dict:
@@ -44,14 +58,20 @@ def train_prior(**settings) -> dict:
     clip = clip_record(manifest)
     load_clip(clip)  # a dropped caption is the CLIP's encoding of "": fail before training if it cannot load
     hp = parts["module"]
-    prior = fit_text_tokens(check_dim("prior", hp["prior"], manifest), hp["text_tokens"], clip, "prior")
+    prior = checked_prior_sizes(hp["init_from"], hp["prior"]) if hp["init_from"] else dict(hp["prior"] or {})
+    prior = fit_text_tokens(check_dim("prior", prior, manifest), hp["text_tokens"], clip, "prior")
+    raw = PriorConfig(**prior).clip_space == "raw"
     name = run.name or layout.root.name
     run_dir = Path(run.outputs_root) / f"train-prior-{name}"
     L.seed_everything(hp["seed"], workers=True)
     module = PriorModule(**dict(hp, prior=prior, clip=clip))
-    datamodule = PriorDataModule(str(layout.embeddings), **parts["data"])
+    datamodule = PriorDataModule(str(layout.embeddings), **parts["data"], raw_norms=raw)
     for split in ("train", datamodule.val_split):  # every shard's footer read: a damaged one is named now
-        embedding_shards(layout.embeddings, split)
+        shards = embedding_shards(layout.embeddings, split)
+        for shard in shards if raw else ():  # a prior in raw CLIP space reads unit × norm
+            store.require_norms(store.shard_file(shard.path).schema_arrow.names, str(shard.path))
+    if hp["init_from"]:
+        report_statistics(module.net, datamodule.val_rows())
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     if not trainer.is_global_zero:

@@ -1,64 +1,109 @@
-"""The diffusion prior network (unCLIP §2.2): a causal transformer that predicts a clean CLIP image embedding.
+"""The diffusion prior network (unCLIP §2.2), as diffusers' `PriorTransformer`: Karlo's and Kandinsky 2.2's.
 
-Sequence, in order: [text token encodings (optional, T), z_t, timestep embedding, x_t (noised z_i),
-learned query]; causal attention, so the query sees everything before it; the output at the query
-is x_0, the clean image embedding (trained with MSE on x_0). The network knows nothing of dropped
-captions: the caller passes the empty caption's encodings in their place (training/conditioning.py).
-Padding tokens are replaced by a learned null token, so no attention row is ever fully masked.
+A causal transformer over, in order: [text token encodings (optional, T = `max_text_tokens`), z_t, the
+timestep embedding, x_t (the noised image embedding), the `prd` query token]; the output at the query
+is x_0, the clean image embedding, in the prior's normalised space x = (z − clip_mean) / clip_std.
+Priors trained here from scratch read unit vectors with clip_mean 0 and clip_std 1/√D (so x_0 = √D·z_i,
+per-dimension variance ~1); published priors carry the statistics of raw CLIP vectors and read raw
+vectors (`clip_space: raw`, see training/published.py). Padding tokens are masked out of attention.
+The network knows nothing of dropped captions: the caller passes the empty caption's encodings in
+their place (training/conditioning.py).
+
+Because the network *is* a `PriorTransformer` (under `.transformer`), its weights load from and save
+to diffusers' folders without conversion.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+CLIP_SPACES = ("unit", "raw")
 
 
 @dataclass
 class PriorConfig:
-    """Sizes of the prior; named sizes live in configs/prior/*.yaml."""
+    """Sizes of the prior; named sizes live in configs/prior/*.yaml. The last four are the layout switches
+    of published priors (Karlo: the defaults; Kandinsky 2.2: gelu and two layer norms) and their space."""
 
     dim: int = 768  # CLIP embedding dim D
     width: int = 768
     depth: int = 12
     heads: int = 12
-    text_token_width: int = 0  # width of per-token text encodings; 0 = not used
-    max_text_tokens: int = 77
+    text_token_width: int = 0  # width of per-token text encodings; 0 = not used, else D (PriorTransformer's)
+    max_text_tokens: int = 77  # the token slots; shorter encodings are padded and masked
     dropout: float = 0.0
+    time_embed_act_fn: str = "silu"
+    norm_in_type: str | None = None
+    embedding_proj_norm_type: str | None = None
+    clip_space: str = "unit"  # unit: reads unit vectors (clip_std 1/√D); raw: raw CLIP vectors (published)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> None:
+        """Refuse sizes a PriorTransformer cannot hold, naming the key."""
+        if self.width % self.heads:
+            raise ValueError(f"prior.width {self.width} is not a multiple of prior.heads {self.heads}")
+        if self.text_token_width and self.text_token_width != self.dim:
+            raise ValueError(
+                f"prior.text_token_width {self.text_token_width} differs from the CLIP dim {self.dim}: a "
+                "PriorTransformer projects token encodings with a layer of the CLIP's embedding width (as Karlo's "
+                "and Kandinsky's do); use a CLIP whose text width equals its embedding dim, or text_tokens: none"
+            )
+        if self.clip_space not in CLIP_SPACES:
+            raise ValueError(f"prior.clip_space {self.clip_space!r}: use 'unit' or 'raw'")
 
-def timestep_embedding(t: torch.Tensor, width: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (B,) → (B, width)."""
-    half = width // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+def transformer_kwargs(config: PriorConfig) -> dict:
+    """The `PriorTransformer` arguments of a PriorConfig."""
+    return dict(
+        num_attention_heads=config.heads,
+        attention_head_dim=config.width // config.heads,
+        num_layers=config.depth,
+        embedding_dim=config.dim,
+        num_embeddings=config.max_text_tokens if config.text_token_width else 0,
+        additional_embeddings=4,
+        dropout=config.dropout,
+        time_embed_act_fn=config.time_embed_act_fn,
+        norm_in_type=config.norm_in_type,
+        embedding_proj_norm_type=config.embedding_proj_norm_type,
+        encoder_hid_proj_type="linear" if config.text_token_width else None,
+        added_emb_type="prd",
+    )
 
 
 class DiffusionPrior(nn.Module):
-    """x_0 = prior(x_t, t, z_t, text_tokens, token_mask)."""
+    """x_0 = prior(x_t, t, z_t, text_tokens, token_mask), all vectors in the prior's space (see module doc)."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
-        self.config = c = config
-        self.in_text = nn.Linear(c.dim, c.width)
-        self.in_noised = nn.Linear(c.dim, c.width)
-        self.in_tokens = nn.Linear(c.text_token_width, c.width) if c.text_token_width else None
-        self.time_mlp = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
-        self.null_token = nn.Parameter(torch.zeros(c.width)) if c.text_token_width else None
-        self.query = nn.Parameter(torch.randn(c.width) * 0.02)
-        tokens = (c.max_text_tokens if c.text_token_width else 0) + 4
-        self.position = nn.Parameter(torch.randn(tokens, c.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            c.width, c.heads, 4 * c.width, c.dropout, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.transformer = nn.TransformerEncoder(layer, c.depth, norm=nn.LayerNorm(c.width), enable_nested_tensor=False)
-        self.out = nn.Linear(c.width, c.dim)
+        from diffusers import PriorTransformer
+
+        config.check()
+        self.config = config
+        self.transformer = PriorTransformer(**transformer_kwargs(config))
+        t = self.transformer
+        # From scratch: small random positions and query (diffusers starts them at zero), unit-space statistics.
+        # Published weights overwrite all of these when loaded.
+        with torch.no_grad():
+            t.positional_embedding.normal_(0, 0.02)
+            t.prd_embedding.normal_(0, 0.02)
+            t.clip_std.fill_(config.dim**-0.5)
+        t.clip_mean.requires_grad_(False)  # statistics of the data, not weights to train
+        t.clip_std.requires_grad_(False)
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings → the space the diffusion runs in: (z − clip_mean) / clip_std."""
+        t = self.transformer
+        return (z - t.clip_mean.to(z.dtype)) / t.clip_std.to(z.dtype)
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalise` (diffusers' `post_process_latents`)."""
+        return self.transformer.post_process_latents(x)
 
     def forward(
         self,
@@ -68,23 +113,23 @@ class DiffusionPrior(nn.Module):
         text_tokens: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_t, z_t: (B, D); t: (B,); text_tokens: (B, T, W) with T <= max_text_tokens; token_mask: (B, T) True = real."""
+        """x_t: (B, D) normalised; t: (B,); z_t: (B, D) text embeddings; text_tokens: (B, T, D) with T <=
+        max_text_tokens; token_mask: (B, T) True = real. Returns x_0 (B, D), normalised."""
         b = x_t.shape[0]
-        parts = [
-            self.in_text(z_t),
-            self.time_mlp(timestep_embedding(t, self.config.width)),
-            self.in_noised(x_t),
-            self.query.expand(b, -1),
-        ]
-        sequence = torch.stack(parts, dim=1)  # (B, 4, width)
-        if self.in_tokens is not None:
+        slots = self.transformer.config.num_embeddings
+        if slots:
             if text_tokens is None:
                 raise ValueError("this prior was built with text_token_width > 0: pass text_tokens")
-            tokens = self.in_tokens(text_tokens)  # (B, T, width)
-            if token_mask is not None:
-                tokens = torch.where(token_mask[..., None], tokens, self.null_token.expand_as(tokens))
-            sequence = torch.cat([tokens, sequence], dim=1)
-        sequence = sequence + self.position[-sequence.shape[1] :]
-        causal = torch.triu(torch.ones(sequence.shape[1], sequence.shape[1], dtype=torch.bool, device=x_t.device), 1)
-        hidden = self.transformer(sequence, mask=causal)
-        return self.out(hidden[:, -1])  # the query's output: x_0 (B, D)
+            if text_tokens.shape[1] > slots:
+                raise ValueError(f"{text_tokens.shape[1]} text tokens do not fit the prior's {slots} token slots")
+            if token_mask is None:
+                token_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x_t.device)
+            pad = slots - text_tokens.shape[1]
+            text_tokens = F.pad(text_tokens, (0, 0, 0, pad))
+            token_mask = F.pad(token_mask, (0, pad), value=False)
+        else:
+            text_tokens, token_mask = None, torch.ones(b, 0, dtype=torch.bool, device=x_t.device)
+        # A mask is always passed: without one PriorTransformer attends without its causal mask.
+        return self.transformer(
+            x_t, t, proj_embedding=z_t, encoder_hidden_states=text_tokens, attention_mask=token_mask
+        ).predicted_image_embedding

@@ -77,17 +77,22 @@ class PriorSampler:
         guidance_scale: float | None = None,
         candidates: int | None = None,
     ) -> torch.Tensor:
-        """N unit image-embedding candidates per caption (B, N, D) for text embeddings z_t (B, D) of
-        `captions`: DDIM from the starting noise of each seed (N draws of its stream)."""
+        """N unit image-embedding candidates per caption (B, N, D) for unit text embeddings z_t (B, D) of
+        `captions`: DDIM from the starting noise of each seed (N draws of its stream), in the prior's space (a
+        prior in raw CLIP space reads z_t scaled by the norm of its caption's raw embedding)."""
         s = self.sampling
         n = candidates or s.candidates
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         device = _device(self.net)
         z_t = z_t.to(device).float()
         b, d = z_t.shape
+        raw = self.config.clip_space == "raw"
+        if raw:
+            z_t = z_t * self.text.norms(captions, device)[:, None]
         cond = Caption(z_t, *self.text.tokens(list(captions), device))
         if scale != 1.0:  # the unconditional half: every caption dropped
-            cond = cond.cat(drop_caption(cond, torch.ones(b, dtype=torch.bool, device=device), self.text.empty(device)))
+            empty = self.text.empty(device, raw=raw)
+            cond = cond.cat(drop_caption(cond, torch.ones(b, dtype=torch.bool, device=device), empty))
         rows = cond.map(lambda v: v.repeat_interleave(n, 0))  # each caption's N candidates side by side
 
         def denoise(x_t, t):
@@ -98,7 +103,7 @@ class PriorSampler:
 
         noise = seeded_noise(seeds, (d,), "prior_start", n).to(device)
         x_0 = ddim_sample(denoise, noise, steps or s.steps, "sample")
-        return F.normalize(x_0.float(), dim=-1).view(b, n, d)
+        return F.normalize(self.net.denormalise(x_0.float()), dim=-1).view(b, n, d)
 
     def sample(self, z_t: torch.Tensor, captions: list[str], seeds: list[int], **options) -> torch.Tensor:
         """Unit image embeddings (B, D): of each caption's candidates, the one nearest its z_t (unCLIP §2.2)."""

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from embeddings.config import ConfigError
 from embeddings.hardware import bf16_is_fast
 from training.diffusion import stream
-from training.export import FORMAT, attention_layout, check_layout
+from training.export import FORMATS, attention_layout, check_layout
 from training.streaming import ShardStream
 
 
@@ -160,14 +160,15 @@ class StreamingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["data_position"] = {"epoch": self.current_epoch, "batches": self.epoch_batches}
         if hasattr(self, "net"):
-            checkpoint["format"], checkpoint["layout"] = FORMAT, attention_layout(self.net)
+            checkpoint["format"], checkpoint["layout"] = FORMATS[self.kind], attention_layout(self.net)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Before the weights load: refuse a checkpoint of another format or attention layout."""
         if hasattr(self, "net"):
-            if checkpoint.get("format") != FORMAT:
+            if checkpoint.get("format") != FORMATS[self.kind]:
                 raise ConfigError(
-                    f"the checkpoint is format {checkpoint.get('format', 1)}, this code reads format {FORMAT}: start "
+                    f"the checkpoint is format {checkpoint.get('format', 1)}, this code reads format "
+                    f"{FORMATS[self.kind]}: start "
                     "the run afresh (delete the run's outputs/train-*/checkpoints/ folder, `make clean` for every "
                     "run and model, or SET=resume=never)"
                 )
