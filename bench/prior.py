@@ -8,7 +8,9 @@
    samples/s over `--steps` steps after 3 warm-up steps, and the loss after them;
 2. with --dalle2: DALLE2-pytorch's `DiffusionPrior` + `DiffusionPriorNetwork` at the same width,
    depth, heads, batch and text length (max_text_len=77), in its own venv (bench/.venv-dalle2),
-   on the same random data; ratio = ours / theirs (target ≥ 1.5);
+   on the same random data; ratio = ours / theirs (target ≥ 1.5). Its forward multiplies the caller's
+   image embedding by √D in place, so it is handed a copy each step (reusing one tensor compounded the
+   scale, √D per step, until its loss was NaN: what earlier runs of this bench measured);
 3. read rate: rows/s of our PriorDataModule stream over an embedding folder against
    embedding-reader reading the same rows exported in clip-retrieval's layout (target ≥ 1).
 Results are appended to bench/results/prior.json.
@@ -46,7 +48,8 @@ prior = DiffusionPrior(net=net, clip=None, image_embed_dim=a["dim"], timesteps=1
 opt = torch.optim.AdamW(prior.parameters(), lr=3e-4)
 data = torch.load(a["data"], weights_only=True)
 def step():
-    loss = prior(text_embed=data["z_t"], image_embed=data["z_i"], text_encodings=data["tokens"])
+    # a fresh copy each step: DiffusionPrior.forward scales image_embed in place (image_embed *= scale)
+    loss = prior(text_embed=data["z_t"], image_embed=data["z_i"].clone(), text_encodings=data["tokens"])
     opt.zero_grad(); loss.backward(); opt.step(); return loss.item()
 for _ in range(3): step()
 start = time.perf_counter(); losses = [step() for _ in range(a["steps"])]
@@ -60,7 +63,7 @@ def ours(args, data) -> dict:
     from training.prior_net import DiffusionPrior, PriorConfig
 
     torch.manual_seed(0)
-    dtype = resolve_dtype("auto", torch.device("cpu"))
+    dtype = resolve_dtype(args.precision, torch.device("cpu"))
     net = DiffusionPrior(
         PriorConfig(
             dim=args.width,
@@ -135,6 +138,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--dalle2", action="store_true")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="ours: auto (embeddings.hardware's choice), fp32 (as DALLE2-pytorch runs) or bf16",
+    )
     parser.add_argument("--embeddings", default="data/synthetic/embeddings")
     args = parser.parse_args()
 
@@ -151,6 +159,7 @@ def main() -> None:
         "heads": args.heads,
         "batch": args.batch,
         "text_tokens": 77,
+        "precision": args.precision,
         "cpus": os.cpu_count(),
         "ours": ours(args, data),
     }
