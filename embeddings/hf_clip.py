@@ -1,0 +1,134 @@
+"""open_clip's text tower and tokenizer as transformers' `CLIPTextModelWithProjection` and `CLIPTokenizer`,
+the form diffusers' unCLIP and Kandinsky pipelines load.
+
+The weights are renamed, and attention's fused input projection split into q, k and v; every tensor of
+the tower is mapped or the conversion stops naming the one it cannot place. The tokenizer files
+(vocab.json, merges.txt) are written from open_clip's own BPE vocabulary, so nothing is downloaded.
+What differs, and why it does not matter where it does not:
+- Padding: open_clip pads with id 0, which is the token "!"; a transformers tokenizer whose pad token
+  is "!" would also read every "!" in a caption as padding, so the files pad with the end token
+  (49407), as OpenAI's and Karlo's tokenizers do. The text tower is causal and pools at the first end
+  token, so the pooled embedding and the encodings of real tokens are the same (tested); padding
+  positions are masked by the pipelines.
+- Cleaning: open_clip's tokenizer repairs mojibake (ftfy) and unescapes HTML entities (`&amp;` → `&`)
+  before splitting, which the transformers tokenizer does not, so a caption with HTML entities or
+  broken encodings can tokenise differently (tested the same: plain text, punctuation, accents, CJK,
+  over-long captions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # open_clip → transformers
+PAD = "<|endoftext|>"  # not open_clip's id 0 ("!"): see the module's docstring
+
+
+def _activation(model) -> str:
+    from open_clip.transformer import QuickGELU
+
+    gelu = model.transformer.resblocks[0].mlp.gelu
+    if isinstance(gelu, QuickGELU):
+        return "quick_gelu"
+    if isinstance(gelu, torch.nn.GELU) and gelu.approximate == "none":
+        return "gelu"
+    raise ValueError(f"the text tower's activation {gelu} has no transformers equivalent here")
+
+
+def text_config(model, eos_token_id: int = 49407):
+    """The CLIPTextConfig of an open_clip CLIP's text tower."""
+    from transformers import CLIPTextConfig
+
+    if getattr(model, "text_pool_type", "argmax") != "argmax":
+        raise ValueError(f"text pooling {model.text_pool_type!r}: transformers' CLIP pools at the end token only")
+    width = model.ln_final.weight.shape[0]
+    block = model.transformer.resblocks[0]
+    projection = model.text_projection
+    return CLIPTextConfig(
+        vocab_size=model.token_embedding.weight.shape[0],
+        hidden_size=width,
+        intermediate_size=block.mlp.c_fc.weight.shape[0],
+        num_hidden_layers=len(model.transformer.resblocks),
+        num_attention_heads=block.attn.num_heads,
+        max_position_embeddings=model.positional_embedding.shape[0],
+        hidden_act=_activation(model),
+        layer_norm_eps=model.ln_final.eps,
+        projection_dim=(projection.weight.shape[0] if isinstance(projection, torch.nn.Linear) else projection.shape[1]),
+        bos_token_id=eos_token_id - 1,
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+    )
+
+
+def text_state(model) -> dict[str, torch.Tensor]:
+    """The text tower's tensors under transformers' names (every one mapped, or an error naming it)."""
+    source = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.") and k != "logit_scale"}
+    out, used = {}, set()
+
+    def take(ours: str, theirs: str, value=None):
+        out[theirs] = (source[ours] if value is None else value).detach().clone().float()
+        used.add(ours)
+
+    take("token_embedding.weight", "text_model.embeddings.token_embedding.weight")
+    take("positional_embedding", "text_model.embeddings.position_embedding.weight")
+    for i in range(len(model.transformer.resblocks)):
+        a, b = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for name, part in zip("qkv", source[a + "attn.in_proj_weight"].chunk(3)):
+            take(a + "attn.in_proj_weight", b + f"self_attn.{name}_proj.weight", part)
+        for name, part in zip("qkv", source[a + "attn.in_proj_bias"].chunk(3)):
+            take(a + "attn.in_proj_bias", b + f"self_attn.{name}_proj.bias", part)
+        for ours, theirs in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            for p in ("weight", "bias"):
+                take(f"{a}{ours}.{p}", f"{b}{theirs}.{p}")
+    for p in ("weight", "bias"):
+        take(f"ln_final.{p}", f"text_model.final_layer_norm.{p}")
+    projection = source.get("text_projection", source.get("text_projection.weight"))
+    name = "text_projection" if "text_projection" in source else "text_projection.weight"
+    take(name, "text_projection.weight", projection.T if name == "text_projection" else projection)
+    left = sorted(set(source) - used)
+    if left:
+        raise ValueError(f"the text tower holds tensors with no transformers counterpart: {', '.join(left[:5])}")
+    return out
+
+
+def to_transformers_text(model):
+    """transformers' CLIPTextModelWithProjection holding an open_clip CLIP's text tower (fp32, eval mode):
+    `text_embeds` is open_clip's `encode_text` (unnormalised), `last_hidden_state` its per-token encodings."""
+    from transformers import CLIPTextModelWithProjection
+
+    hf = CLIPTextModelWithProjection(text_config(model)).eval()
+    state = text_state(model)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer transformers builds itself
+    if missing or unexpected:
+        raise ValueError(f"text tower conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return hf
+
+
+def write_tokenizer(folder: str | Path, context_length: int) -> Path:
+    """CLIPTokenizer files for open_clip's BPE vocabulary (its special tokens under transformers' names, padding
+    with the end token, `context_length` tokens) in `folder`; returns the folder."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = SimpleTokenizer()
+    vocab = {SPECIAL.get(token, token): i for token, i in bpe.encoder.items()}
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=PAD, model_max_length=context_length
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
