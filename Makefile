@@ -46,7 +46,7 @@ JOB_train-decoder = training decoder --config $(DECODER_CONFIG) $(TRAIN_DATA)
 JOB_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG) $(TRAIN_DATA)
 
 .PHONY: help setup lock test test-all format demo data download ingest embed reset-embeddings index knn \
-	export-clip-retrieval import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder \
+	export-clip-retrieval import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder export-diffusers \
 	train-upsampler sample variations interpolate textdiff eval submit bench-download bench-embed clean
 
 help: ## list the targets and the variables each takes
@@ -192,6 +192,11 @@ submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|trai
 		$(SUBMIT_PYTHON) -m $(JOB_$(JOB)) $(SET_OPTS)
 
 # The committed default CLIP (models/synthetic/clip) stays.
+export-diffusers: setup ## OUT=dir: the exported prior as a KandinskyV22PriorPipeline folder diffusers loads [MODELS=folder]
+	@test -n "$(OUT)" || { echo 'usage: make export-diffusers OUT=exports/mine [MODELS=models/mine]'; exit 2; }
+	$(PY) -m training export-diffusers $(if $(DATA_GIVEN),--data "$(DATA_SET)") $(if $(MODELS),--models "$(MODELS)") \
+		--out "$(OUT)"
+
 clean: ## remove generated data, outputs and trained models (keeps .venv and the committed CLIP)
 	rm -rf data outputs $(filter-out models/synthetic,$(wildcard models/*)) \
 		$(filter-out models/synthetic/clip,$(wildcard models/synthetic/*))
@@ -219,6 +224,7 @@ TAKES_variations := $(GEN_VARS) IMAGE
 TAKES_interpolate := $(GEN_VARS) A B
 TAKES_textdiff := $(GEN_VARS) IMAGE FROM TO
 TAKES_eval := $(DATA_VARS) MODELS OUT EVAL_OPTS
+TAKES_export-diffusers := $(DATA_VARS) MODELS OUT
 TAKES_bench-embed := $(DATA_VARS)
 TAKES_bench-download := $(DATA_VARS)
 TAKES_submit = JOB SUBMIT_PYTHON $(TAKES_$(JOB))

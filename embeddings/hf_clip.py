@@ -1,5 +1,6 @@
-"""open_clip's text tower and tokenizer as transformers' `CLIPTextModelWithProjection` and `CLIPTokenizer`,
-the form diffusers' unCLIP and Kandinsky pipelines load.
+"""open_clip's towers and tokenizer as transformers' `CLIPTextModelWithProjection`,
+`CLIPVisionModelWithProjection` (ViT image towers only) and `CLIPTokenizer`, the form diffusers' unCLIP
+and Kandinsky pipelines load.
 
 The weights are renamed, and attention's fused input projection split into q, k and v; every tensor of
 the tower is mapped or the conversion stops naming the one it cannot place. The tokenizer files
@@ -27,10 +28,11 @@ SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>
 PAD = "<|endoftext|>"  # not open_clip's id 0 ("!"): see the module's docstring
 
 
-def _activation(model) -> str:
+def _activation(tower) -> str:
+    """transformers' name of the MLP activation of an open_clip tower (the CLIP, or its `visual`)."""
     from open_clip.transformer import QuickGELU
 
-    gelu = model.transformer.resblocks[0].mlp.gelu
+    gelu = tower.transformer.resblocks[0].mlp.gelu
     if isinstance(gelu, QuickGELU):
         return "quick_gelu"
     if isinstance(gelu, torch.nn.GELU) and gelu.approximate == "none":
@@ -63,24 +65,15 @@ def text_config(model, eos_token_id: int = 49407):
     )
 
 
-def text_state(model) -> dict[str, torch.Tensor]:
-    """The text tower's tensors under transformers' names (every one mapped, or an error naming it)."""
-    source = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.") and k != "logit_scale"}
-    out, used = {}, set()
-
-    def take(ours: str, theirs: str, value=None):
-        out[theirs] = (source[ours] if value is None else value).detach().clone().float()
-        used.add(ours)
-
-    take("token_embedding.weight", "text_model.embeddings.token_embedding.weight")
-    take("positional_embedding", "text_model.embeddings.position_embedding.weight")
-    for i in range(len(model.transformer.resblocks)):
-        a, b = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+def _map_blocks(source: dict, ours: str, theirs: str, blocks: int, take) -> None:
+    """The residual attention blocks of a tower: open_clip's names under `ours`, transformers' under `theirs`."""
+    for i in range(blocks):
+        a, b = f"{ours}{i}.", f"{theirs}{i}."
         for name, part in zip("qkv", source[a + "attn.in_proj_weight"].chunk(3)):
             take(a + "attn.in_proj_weight", b + f"self_attn.{name}_proj.weight", part)
         for name, part in zip("qkv", source[a + "attn.in_proj_bias"].chunk(3)):
             take(a + "attn.in_proj_bias", b + f"self_attn.{name}_proj.bias", part)
-        for ours, theirs in (
+        for o, t in (
             ("attn.out_proj", "self_attn.out_proj"),
             ("ln_1", "layer_norm1"),
             ("ln_2", "layer_norm2"),
@@ -88,16 +81,110 @@ def text_state(model) -> dict[str, torch.Tensor]:
             ("mlp.c_proj", "mlp.fc2"),
         ):
             for p in ("weight", "bias"):
-                take(f"{a}{ours}.{p}", f"{b}{theirs}.{p}")
+                take(f"{a}{o}.{p}", f"{b}{t}.{p}")
+
+
+def _converter(source: dict, where: str):
+    """(take, finish): `take(ours, theirs, value=None)` records a tensor under its new name; `finish()` returns
+    the new state, or names a tensor nothing took."""
+    out, used = {}, set()
+
+    def take(ours: str, theirs: str, value=None):
+        out[theirs] = (source[ours] if value is None else value).detach().clone().float()
+        used.add(ours)
+
+    def finish() -> dict[str, torch.Tensor]:
+        left = sorted(set(source) - used)
+        if left:
+            raise ValueError(f"the {where} holds tensors with no transformers counterpart: {', '.join(left[:5])}")
+        return out
+
+    return take, finish
+
+
+def text_state(model) -> dict[str, torch.Tensor]:
+    """The text tower's tensors under transformers' names (every one mapped, or an error naming it)."""
+    source = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.") and k != "logit_scale"}
+    take, finish = _converter(source, "text tower")
+    take("token_embedding.weight", "text_model.embeddings.token_embedding.weight")
+    take("positional_embedding", "text_model.embeddings.position_embedding.weight")
+    _map_blocks(source, "transformer.resblocks.", "text_model.encoder.layers.", len(model.transformer.resblocks), take)
     for p in ("weight", "bias"):
         take(f"ln_final.{p}", f"text_model.final_layer_norm.{p}")
-    projection = source.get("text_projection", source.get("text_projection.weight"))
-    name = "text_projection" if "text_projection" in source else "text_projection.weight"
-    take(name, "text_projection.weight", projection.T if name == "text_projection" else projection)
-    left = sorted(set(source) - used)
-    if left:
-        raise ValueError(f"the text tower holds tensors with no transformers counterpart: {', '.join(left[:5])}")
-    return out
+    if "text_projection" in source:  # a (W, D) matrix applied as x @ P
+        take("text_projection", "text_projection.weight", source["text_projection"].T)
+    else:
+        take("text_projection.weight", "text_projection.weight")
+    return finish()
+
+
+def _vision_tower(model):
+    """The open_clip VisionTransformer of `model`, or an error saying why its image tower cannot convert."""
+    from open_clip.transformer import VisionTransformer
+
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(
+            f"the CLIP's image tower is a {type(visual).__name__}: transformers' CLIPVisionModel holds only the "
+            "ViT image tower (patch embedding, class token, transformer), so this CLIP's image encoder cannot be "
+            "converted; use a ViT CLIP"
+        )
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise ValueError("the ViT pools other than by its class token after ln_post, which transformers' CLIP does not")
+    return visual
+
+
+def vision_config(model):
+    """The CLIPVisionConfig of an open_clip CLIP's ViT image tower."""
+    from transformers import CLIPVisionConfig
+
+    visual = _vision_tower(model)
+    block = visual.transformer.resblocks[0]
+    return CLIPVisionConfig(
+        hidden_size=visual.class_embedding.shape[0],
+        intermediate_size=block.mlp.c_fc.weight.shape[0],
+        num_hidden_layers=len(visual.transformer.resblocks),
+        num_attention_heads=block.attn.num_heads,
+        image_size=visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size,
+        patch_size=visual.conv1.weight.shape[-1],
+        hidden_act=_activation(visual),
+        layer_norm_eps=visual.ln_post.eps,
+        projection_dim=visual.proj.shape[1],
+    )
+
+
+def vision_state(model) -> dict[str, torch.Tensor]:
+    """The ViT image tower's tensors under transformers' names (every one mapped, or an error naming it)."""
+    visual = _vision_tower(model)
+    source = {k: v for k, v in visual.state_dict().items()}
+    take, finish = _converter(source, "image tower")
+    take("conv1.weight", "vision_model.embeddings.patch_embedding.weight")
+    take("class_embedding", "vision_model.embeddings.class_embedding")
+    take("positional_embedding", "vision_model.embeddings.position_embedding.weight")
+    for p in ("weight", "bias"):
+        take(f"ln_pre.{p}", f"vision_model.pre_layrnorm.{p}")  # transformers' spelling
+        take(f"ln_post.{p}", f"vision_model.post_layernorm.{p}")
+    _map_blocks(
+        source, "transformer.resblocks.", "vision_model.encoder.layers.", len(visual.transformer.resblocks), take
+    )
+    take("proj", "visual_projection.weight", source["proj"].T)
+    return finish()
+
+
+def _load(hf, state: dict, where: str):
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer transformers builds itself
+    if missing or unexpected:
+        raise ValueError(f"{where} conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return hf.eval()
+
+
+def to_transformers_vision(model):
+    """transformers' CLIPVisionModelWithProjection holding an open_clip CLIP's ViT image tower (fp32, eval
+    mode): `image_embeds` is open_clip's `encode_image` (unnormalised)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    return _load(CLIPVisionModelWithProjection(vision_config(model)), vision_state(model), "image tower")
 
 
 def to_transformers_text(model):
@@ -105,13 +192,7 @@ def to_transformers_text(model):
     `text_embeds` is open_clip's `encode_text` (unnormalised), `last_hidden_state` its per-token encodings."""
     from transformers import CLIPTextModelWithProjection
 
-    hf = CLIPTextModelWithProjection(text_config(model)).eval()
-    state = text_state(model)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer transformers builds itself
-    if missing or unexpected:
-        raise ValueError(f"text tower conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return hf
+    return _load(CLIPTextModelWithProjection(text_config(model)), text_state(model), "text tower")
 
 
 def write_tokenizer(folder: str | Path, context_length: int) -> Path:

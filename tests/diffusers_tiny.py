@@ -59,7 +59,7 @@ def tiny_prior(**options):
 
     torch.manual_seed(1)
     sizes = dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=CLIP_DIM, num_embeddings=16)
-    return PriorTransformer(**sizes, **options).eval()
+    return PriorTransformer(**{**sizes, **options}).eval()
 
 
 def tiny_unclip_pipeline(folder: Path):

@@ -1,4 +1,4 @@
-"""open_clip's text tower and tokenizer converted to transformers' (embeddings/hf_clip.py), as the diffusers
+"""open_clip's towers and tokenizer converted to transformers' (embeddings/hf_clip.py), as the diffusers
 pipelines load them: the same ids, the same embeddings."""
 
 from __future__ import annotations
@@ -55,3 +55,19 @@ def test_the_converted_text_tower_computes_open_clips_embeddings_and_token_encod
             out = hf(input_ids=input_ids, attention_mask=theirs.attention_mask)
             torch.testing.assert_close(out.text_embeds, raw, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.last_hidden_state[mask], tokens[mask], atol=1e-5, rtol=0)
+
+
+def test_the_converted_vit_image_tower_computes_open_clips_image_embeddings(tiny_clip_dir, tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from embeddings.hf_clip import to_transformers_vision
+    from training.conditioning import load_clip
+
+    encoder = load_clip({"model": str(tiny_clip_dir)})
+    to_transformers_vision(encoder.model).save_pretrained(tmp_path / "image_encoder")
+    hf = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "image_encoder").eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(pixel_values=pixels).image_embeds, encoder.model.encode_image(pixels), atol=1e-5, rtol=0
+        )

@@ -143,3 +143,84 @@ def test_config_sizes_that_contradict_the_published_prior_are_refused(tmp_path):
         checked_prior_sizes(tmp_path, None)
     with pytest.raises(ConfigError, match="not a diffusers folder"):
         checked_prior_sizes(tmp_path / "prior" / "nothing", None)
+
+
+def _raw_prior_export(folder, clip_dir, layout: str = "kandinsky22"):
+    """models/<name>/prior/ of a prior in raw CLIP space (a tiny published one, loaded by init_from) trained
+    against the tiny test CLIP (32-d, 32 tokens)."""
+    from training.conditioning import load_clip
+    from training.export import save_export
+    from training.prior_net import DiffusionPrior, PriorConfig
+    from training.published import checked_prior_sizes, load_published_prior
+
+    published_prior(folder / "published", layout, num_embeddings=32)
+    sizes = checked_prior_sizes(folder / "published", None)
+    net = DiffusionPrior(PriorConfig(**sizes)).eval()
+    load_published_prior(net, folder / "published")
+    encoder = load_clip({"model": str(clip_dir)})
+    record = {"model": str(clip_dir), "checksum": encoder.checksum}
+    hparams = {"text_tokens": "clip", "sampling": {"steps": 4, "guidance_scale": 1.0, "candidates": 1}}
+    return save_export(folder / "models" / "prior", "prior", net, {"prior": sizes, "hparams": hparams}, record)
+
+
+def test_a_raw_space_prior_exports_to_a_kandinsky_prior_pipeline_that_runs_offline(tiny_clip_dir, tmp_path):
+    """make export-diffusers on a prior fine-tuned from published weights: KandinskyV22PriorPipeline loads the
+    folder and samples; stage by stage, the pipeline's text encoder and tokenizer give the prior the inputs ours
+    gives it (raw z_t, token encodings on the real tokens), so the prior's output is ours."""
+    from diffusers import KandinskyV22PriorPipeline
+
+    from training.diffusers_export import export_diffusers
+    from training.export import load_prior
+
+    prior_dir = _raw_prior_export(tmp_path, tiny_clip_dir)
+    lines = export_diffusers(prior_dir.parent, tmp_path / "out")
+    assert "KandinskyV22PriorPipeline" in lines[0]
+    pipeline = KandinskyV22PriorPipeline.from_pretrained(tmp_path / "out")
+    out = pipeline("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.image_embeds.shape == (1, CLIP_DIM) and torch.isfinite(out.image_embeds).all()
+
+    sampler = load_prior(prior_dir)
+    captions = ["a red circle, on black!", "a small blue square"]
+    unit = sampler.text.encoder().encode_texts(captions)
+    z_t = unit * sampler.text.norms(captions, "cpu")[:, None]  # what our sampler feeds a raw-space prior
+    tokens, mask = sampler.text.tokens(captions, "cpu")
+    ids = pipeline.tokenizer(captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    x_t, t = torch.randn(2, CLIP_DIM), torch.tensor([10, 900])
+    with torch.no_grad():
+        theirs = pipeline.text_encoder(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+        torch.testing.assert_close(theirs.text_embeds, z_t, atol=1e-5, rtol=0)
+        expected = sampler.net(x_t, t, z_t, tokens, mask)
+        got = pipeline.prior(
+            x_t,
+            t,
+            proj_embedding=theirs.text_embeds,
+            encoder_hidden_states=theirs.last_hidden_state,
+            attention_mask=ids.attention_mask.bool(),
+        ).predicted_image_embedding
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_what_cannot_export_to_diffusers_says_why(tiny_clip_dir, tmp_path):
+    from embeddings.config import ConfigError
+    from embeddings.hf_clip import to_transformers_vision
+    from training.conditioning import load_clip
+    from training.diffusers_export import export_prior_pipeline
+    from training.export import save_export
+    from training.prior_net import DiffusionPrior, PriorConfig
+
+    from .conftest import REPO
+
+    sizes = PriorConfig(dim=32, width=16, depth=1, heads=2, text_token_width=32, max_text_tokens=32).to_dict()
+    encoder = load_clip({"model": str(tiny_clip_dir)})
+    folder = save_export(
+        tmp_path / "scratch",
+        "prior",
+        DiffusionPrior(PriorConfig(**sizes)),
+        {"prior": sizes, "hparams": {"text_tokens": "clip", "sampling": {}}},
+        {"model": str(tiny_clip_dir), "checksum": encoder.checksum},
+    )
+    with pytest.raises(ConfigError, match="trained from scratch on unit CLIP vectors"):
+        export_prior_pipeline(folder, tmp_path / "out")
+    default_clip = load_clip({"model": str(REPO / "models" / "synthetic" / "clip")})
+    with pytest.raises(ValueError, match="image tower is a ModifiedResNet"):
+        to_transformers_vision(default_clip.model)

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upsampler-steps", type=int, help="upsampler sampling steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--outputs", default="outputs", help="where the training runs' logs are (for the loss plot)")
+    p = sub.add_parser("export-diffusers", help="exported models as folders diffusers' pipelines load")
+    p.add_argument("--models", help="folder holding prior/ (default: models/<data set>)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="the data set (a name or a config path) trained on")
+    p.add_argument("--out", required=True, help="the folder to write")
     p = sub.add_parser("clip-eval", help="zero-shot figures of a data set's embeddings (after make embed)")
     p.add_argument("--config", default=DEFAULT_DATA, help="the data set: a name or a config path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data config key")
@@ -103,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args)
         elif args.job == "sample-prior":
             _sample_prior(args)
+        elif args.job == "export-diffusers":
+            from training.diffusers_export import export_diffusers
+
+            print("\n".join(export_diffusers(args.models or models_of(args.data), args.out)))
         elif args.job == "clip-eval":
             import json
             from pathlib import Path
