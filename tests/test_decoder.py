@@ -445,3 +445,50 @@ def test_exports_load_and_sample_without_lightning(trained):
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_tiny_karlo_layout_decoder_with_learned_variance_trains_exports_and_samples_guided(tiny_embed, tmp_path):
+    """decoder.layout karlo with a learned variance (ε + variance values, the hybrid loss): a few steps train,
+    the export loads as that layout and samples with guidance (ancestral steps with the learned variance),
+    seeded; a dropped z is the text projection's learned null embedding."""
+    config, _ = tiny_embed
+    settings = dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), data_root=config.data_root)
+    settings["decoder"] = dict(settings["decoder"], layout="karlo", learned_variance=True)
+    record = RecordBatches()
+    _with_callback(
+        record,
+        lambda: train_decoder(
+            **dict(
+                settings,
+                text_tokens="clip",
+                prediction_type="epsilon",
+                max_steps=6,
+                val_every=1000,
+                precision="32-true",
+                models_root=str(tmp_path / "models"),
+                outputs_root=str(tmp_path / "outputs"),
+            )
+        ),
+    )
+    assert len(record.losses) == 6 and all(math.isfinite(loss) for loss in record.losses)
+    decoder = load_decoder(tmp_path / "models" / "tiny" / "decoder")
+    assert type(decoder.net).__name__ == "KarloDecoder" and decoder.net.unet.config.out_channels == 6
+    assert decoder.net.null_embedding().abs().sum() > 0  # learned away from its zero start
+    z = torch.nn.functional.normalize(torch.randn(2, decoder.config.dim), dim=-1)
+    images = decoder.sample(z, [0, 1], ["a red circle", "a blue square"], steps=4, guidance_scale=3.0)
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all() and images.abs().max() <= 1
+    again = decoder.sample(z[:1], [0], ["a red circle"], steps=4, guidance_scale=3.0)
+    torch.testing.assert_close(again, images[:1], atol=1e-5, rtol=0)  # seeded, whatever the batch
+
+
+def test_a_learned_variance_needs_the_karlo_layout_and_epsilon(tiny_clip_dir):
+    from training.decoder import DecoderModule
+    from training.decoder_net import Decoder, DecoderConfig
+
+    sizes = dict(
+        image_size=8, dim=32, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8, norm_groups=4
+    )
+    with pytest.raises(ValueError, match="learned_variance needs layout: karlo"):
+        Decoder(DecoderConfig(**sizes, learned_variance=True))
+    with pytest.raises(ValueError, match="predicts ε: set prediction_type: epsilon"):
+        DecoderModule(dict(sizes, layout="karlo", learned_variance=True, text_token_width=32), {}, text_tokens="clip")

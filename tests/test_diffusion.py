@@ -302,3 +302,32 @@ def test_training_loads_only_the_clip_that_made_the_embeddings(tiny_clip_dir):
         load_clip({"model": str(tiny_clip_dir), "checksum": "0" * 64})
     with pytest.raises(ConfigError, match="manifest names none"):
         load_clip({"model": None, "checksum": "unknown (imported)"})
+
+
+def test_the_variational_bound_term_is_zero_for_the_true_reverse_step_and_trains_only_the_variance():
+    """vlb_term (the learned variance's loss): KL 0 where ε is the true noise and the variance is the posterior's
+    (values -1 = log β̃_t) for t > 0; larger for a wrong variance; its gradient reaches the variance values and not
+    ε (Improved DDPM's stop-gradient); and the log variance spans [log β̃_t, log β_t] as UnCLIPScheduler reads it."""
+    from diffusers import UnCLIPScheduler
+
+    from training.diffusion import model_log_variance, vlb_term
+
+    schedule = noise_schedule("epsilon")
+    g = torch.Generator().manual_seed(0)
+    x_0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x_0.shape, generator=g)
+    t = torch.tensor([1, 10, 500, 999])
+    x_t = schedule.add_noise(x_0, noise, t)
+    exact = vlb_term(schedule, noise, -torch.ones_like(x_0), x_0, x_t, t)
+    assert exact.abs().max() < 1e-6
+    wrong = vlb_term(schedule, noise, torch.ones_like(x_0), x_0, x_t, t)  # log β_t: β_t ≈ β̃_t for large t
+    assert (wrong[:2] > 1e-3).all() and (wrong >= exact - 1e-6).all()
+    eps, values = noise.clone().requires_grad_(), torch.zeros_like(x_0, requires_grad=True)
+    vlb_term(schedule, eps, values, x_0, x_t, t).sum().backward()
+    assert eps.grad is None and values.grad.abs().sum() > 0
+    karlo = UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon")
+    for step in (10, 500):
+        v = torch.tensor([-0.5, 0.3])
+        ours = model_log_variance(schedule, v[:, None], torch.tensor([step, step]))[:, 0]
+        theirs = karlo._get_variance(step, predicted_variance=v, prev_timestep=step - 1)
+        torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)

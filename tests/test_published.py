@@ -224,3 +224,44 @@ def test_what_cannot_export_to_diffusers_says_why(tiny_clip_dir, tmp_path):
     default_clip = load_clip({"model": str(REPO / "models" / "synthetic" / "clip")})
     with pytest.raises(ValueError, match="image tower is a ModifiedResNet"):
         to_transformers_vision(default_clip.model)
+
+
+def test_a_karlo_decoder_and_text_projection_load_into_ours_and_compute_what_the_pipeline_computes(tmp_path):
+    """Our KarloDecoder built from a Karlo folder's decoder/ and text_proj/ configs and filled from their weights
+    (strict): the pipeline's decoder call (text projection, 4 extra tokens before the masked text encodings,
+    the additive time embedding) gives the same 6 channels; a reshaped tensor is refused by name."""
+    from embeddings.config import ConfigError
+    from training.decoder_net import DecoderConfig, KarloDecoder
+    from training.published import decoder_sizes, load_published_decoder
+
+    pipeline = tiny_unclip_pipeline(tmp_path / "karlo")
+    with torch.no_grad():
+        pipeline.text_proj.learned_classifier_free_guidance_embeddings.normal_()
+    pipeline.save_pretrained(tmp_path / "saved")
+    sizes = decoder_sizes(tmp_path / "saved")
+    assert sizes["layout"] == "karlo" and sizes["learned_variance"] and sizes["head_width"] == 8
+    net = KarloDecoder(DecoderConfig(**sizes)).eval()
+    load_published_decoder(net, tmp_path / "saved")
+    torch.testing.assert_close(net.null_embedding(), pipeline.text_proj.learned_classifier_free_guidance_embeddings)
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([5, 700])
+    z_i, z_t = torch.randn(2, CLIP_DIM, generator=g), torch.randn(2, CLIP_DIM, generator=g)
+    tokens, mask = torch.randn(2, 16, CLIP_DIM, generator=g), torch.arange(16)[None] < torch.tensor([[16], [3]])
+    with torch.no_grad():
+        context, time = pipeline.text_proj(
+            image_embeddings=z_i,
+            prompt_embeds=z_t,
+            text_encoder_hidden_states=tokens,
+            do_classifier_free_guidance=False,
+        )
+        padded = torch.nn.functional.pad(mask, (4, 0), value=True)
+        expected = pipeline.decoder(x_t, t, encoder_hidden_states=context, class_labels=time, attention_mask=padded)
+        torch.testing.assert_close(net(x_t, t, z_i, tokens, mask, z_t=z_t), expected.sample, atol=1e-5, rtol=0)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "saved" / "text_proj" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["embedding_proj.weight"] = state["embedding_proj.weight"][:, :-1].contiguous()
+    save_file(state, str(weights))
+    with pytest.raises(ConfigError, match=r"embedding_proj.weight has shape \(64, 31\)"):
+        load_published_decoder(KarloDecoder(DecoderConfig(**sizes)), tmp_path / "saved")

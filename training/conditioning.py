@@ -10,8 +10,9 @@ Classifier-free guidance trains each model with its condition sometimes dropped 
   published prior or decoder and ours agree on what guidance subtracts, and a caption-less call
   (image variations) is exactly the dropped condition the model learned.
 - **A dropped CLIP embedding is the zero vector** (the decoder's z_i, the baseline's z_t, the
-  upsampler's z_i). Karlo's decoder drops z_i to a learned vector instead
-  (`UnCLIPTextProjModel.learned_classifier_free_guidance_embeddings`): mapping its weights maps that.
+  upsampler's z_i), except in Karlo's decoder layout, which drops z_i to a learned vector
+  (`UnCLIPTextProjModel.learned_classifier_free_guidance_embeddings`, the network's `null_embedding()`),
+  as UnCLIPPipeline's unconditional half does.
 
 The CLIP is the one the embeddings were made with (its manifest record; a checksum that differs is
 refused), loaded once per process, kept outside the modules' parameters (never in a checkpoint or
@@ -135,11 +136,13 @@ def drop_caption(caption: Caption, drop: torch.Tensor | None, empty: Caption) ->
     return Caption(swap(caption.z_t, empty.z_t), swap(caption.tokens, empty.tokens), swap(caption.mask, empty.mask))
 
 
-def drop_embedding(z: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-    """The CLIP embeddings (B, D) with the rows where `drop` (B,) is True zeroed."""
+def drop_embedding(z: torch.Tensor, drop: torch.Tensor | None, null: torch.Tensor | None = None) -> torch.Tensor:
+    """The CLIP embeddings (B, D) with the rows where `drop` (B,) is True replaced by `null` (D,): the zero vector
+    unless the network learns its own (Karlo's decoder)."""
     if drop is None:
         return z
-    return torch.where(drop[:, None], torch.zeros_like(z), z)
+    null = torch.zeros_like(z) if null is None else null.to(z.dtype).expand_as(z)
+    return torch.where(drop[:, None], null, z)
 
 
 def fit_text_tokens(sizes: dict, text_tokens: str, clip: dict, kind: str) -> dict:

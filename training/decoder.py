@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from training.conditioning import Caption, FrozenText, drop_caption, drop_embedding
-from training.decoder_net import Decoder, DecoderConfig, Upsampler, UpsamplerConfig, downsample, upsample
-from training.diffusion import noise_schedule, sample_timesteps, stream
+from training.decoder_net import DecoderConfig, Upsampler, UpsamplerConfig, build_decoder, downsample, upsample
+from training.diffusion import noise_schedule, sample_timesteps, stream, vlb_term
 from training.grid import save_grid, to_uint8
 from training.samplers import DecoderSampler, UpsamplerSampler
 from training.trainer import DiffusionModule
@@ -129,7 +129,9 @@ class DecoderModule(ImageDiffusionModule):
             raise ValueError(f"condition {condition!r}: use 'image' (unCLIP) or 'text' (GLIDE-like baseline)")
         self.save_hyperparameters()
         self.config = DecoderConfig(**decoder)
-        self.init_image_nets(Decoder(self.config))
+        if self.config.learned_variance and prediction_type != "epsilon":
+            raise ValueError("a decoder with learned_variance predicts ε: set prediction_type: epsilon")
+        self.init_image_nets(build_decoder(self.config))
         self.text = FrozenText(text_tokens, clip)
         self.sampler = DecoderSampler(self.ema, self.text, prediction_type, condition, sampling)
 
@@ -137,16 +139,23 @@ class DecoderModule(ImageDiffusionModule):
         return batch["z_i" if self.hparams.condition == "image" else "z_t"].float()
 
     def loss(self, batch, generator, net):
+        """MSE on the prediction target; with a learned variance, plus the variational bound's term at t (the
+        hybrid loss of Improved DDPM, as Karlo trains)."""
         x_0 = downsample(batch["image"], self.config.image_size)
         x_t, t, target = self.noised(x_0, generator)
         b = x_0.shape[0]
         drop_z = torch.rand(b, generator=generator, device=x_0.device) < self.hparams.cond_drop_prob
         drop_text = torch.rand(b, generator=generator, device=x_0.device) < self.hparams.text_drop_prob
-        z = drop_embedding(self.condition_of(batch), drop_z)
-        caption = Caption(None, *self.text.tokens(batch["caption"], self.device))
+        z = drop_embedding(self.condition_of(batch), drop_z, net.null_embedding())
+        z_t = batch["z_t"].float() if net.reads_text_embedding else None
+        caption = Caption(z_t, *self.text.tokens(batch["caption"], self.device))
         if caption.tokens is not None:
             caption = drop_caption(caption, drop_text, self.text.empty(self.device))
-        return F.mse_loss(net(x_t, t, z, caption.tokens, caption.mask), target)
+        output = net(x_t, t, z, caption.tokens, caption.mask, **({"z_t": caption.z_t} if z_t is not None else {}))
+        if not self.config.learned_variance:
+            return F.mse_loss(output, target)
+        eps, values = output.float().chunk(2, dim=1)
+        return F.mse_loss(eps, target) + vlb_term(self.schedule, eps, values, x_0, x_t, t).mean()
 
     def grid(self, batch):
         samples = self.sampler.sample(self.condition_of(batch), list(range(len(batch["key"]))), batch["caption"])

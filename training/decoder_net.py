@@ -40,6 +40,8 @@ class DecoderConfig:
     context_width: int = 512  # width of the cross-attention context
     text_token_width: int = 0  # width of per-token text encodings; 0 = not used
     norm_groups: int = 32
+    layout: str = "cross_attention"  # or "karlo": Karlo's blocks and UnCLIPTextProjModel (see KarloDecoder)
+    learned_variance: bool = False  # also output the reverse step's variance (6 channels; the hybrid loss)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,12 +71,26 @@ def attention_heads(channels: list[int], head_width: int) -> tuple[int, ...]:
     return tuple(max(1, width // head_width) for width in channels)
 
 
+DECODER_LAYOUTS = ("cross_attention", "karlo")
+
+
+def build_decoder(config: DecoderConfig) -> nn.Module:
+    """The decoder network of a config's layout."""
+    if config.layout not in DECODER_LAYOUTS:
+        raise ValueError(f"decoder.layout {config.layout!r}: use one of {', '.join(DECODER_LAYOUTS)}")
+    return KarloDecoder(config) if config.layout == "karlo" else Decoder(config)
+
+
 class Decoder(nn.Module):
     """ε = decoder(x_t, t, z, text_tokens, token_mask)."""
+
+    reads_text_embedding = False  # the caller passes z_t only to decoders that read it
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = c = config
+        if c.learned_variance:
+            raise ValueError("decoder.learned_variance needs layout: karlo")
         levels = len(c.channels)
         self.unet = UNet2DConditionModel(
             sample_size=c.image_size,
@@ -94,6 +110,10 @@ class Decoder(nn.Module):
         self.to_context = nn.Linear(c.dim, c.context_tokens * c.context_width)
         self.in_tokens = nn.Linear(c.text_token_width, c.context_width) if c.text_token_width else None
         self.scale = math.sqrt(c.dim)  # unit vectors → per-dimension variance ~1
+
+    def null_embedding(self) -> torch.Tensor:
+        """What a dropped CLIP embedding becomes: the zero vector."""
+        return torch.zeros(self.config.dim, device=self.to_context.weight.device)
 
     def forward(
         self,
@@ -120,6 +140,83 @@ class Decoder(nn.Module):
             keep = torch.cat([keep, token_keep], dim=1)
         mask = keep.to(x_t.dtype) if self.in_tokens is not None else None
         return self.unet(x_t, t, encoder_hidden_states=context, class_labels=z, encoder_attention_mask=mask).sample
+
+
+class KarloDecoder(nn.Module):
+    """ε (and variance values) = decoder(x_t, t, z, text_tokens, token_mask, z_t), in Karlo's layout: diffusers'
+    `UnCLIPTextProjModel` turns z (the CLIP image embedding) and z_t (the pooled text embedding) into an
+    addition to the timestep embedding and `context_tokens` extra context tokens, placed before the
+    projected, layer-normed text token encodings; the UNet has Karlo's blocks (ResNet up/downsampling,
+    scale-shift time conditioning, the simple cross-attention that attends to the context and the image
+    at once) and `head_width`-wide heads. A dropped z is the text projection's learned null embedding.
+    Its two parts are diffusers' classes as UnCLIPPipeline loads them (`text_proj`, `unet`)."""
+
+    reads_text_embedding = True
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+        self.config = c = config
+        levels = len(c.channels)
+        if c.text_token_width != c.dim:
+            raise ValueError(
+                f"decoder.text_token_width {c.text_token_width} must equal the CLIP dim {c.dim}: Karlo's text projection "
+                "reads the caption's token encodings (text_tokens: clip) with a layer of the CLIP's width"
+            )
+        for level, width in enumerate(c.channels):
+            if width % c.head_width:
+                raise ValueError(f"decoder.channels[{level}] = {width} is not a multiple of head_width {c.head_width}")
+        time_width = 4 * c.channels[0]
+        self.text_proj = UnCLIPTextProjModel(
+            clip_extra_context_tokens=c.context_tokens,
+            clip_embeddings_dim=c.dim,
+            time_embed_dim=time_width,
+            cross_attention_dim=c.context_width,
+        )
+        self.unet = UNet2DConditionModel(
+            sample_size=c.image_size,
+            in_channels=3,
+            out_channels=6 if c.learned_variance else 3,
+            block_out_channels=tuple(c.channels),
+            layers_per_block=c.layers_per_block,
+            norm_num_groups=c.norm_groups,
+            down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (levels - 1),
+            up_block_types=("SimpleCrossAttnUpBlock2D",) * (levels - 1) + ("ResnetUpsampleBlock2D",),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+            cross_attention_dim=c.context_width,
+            attention_head_dim=c.head_width,  # these blocks read it as the head width
+            resnet_time_scale_shift="scale_shift",
+            class_embed_type="identity",
+        )
+
+    def null_embedding(self) -> torch.Tensor:
+        """What a dropped CLIP embedding becomes: the text projection's learned vector."""
+        return self.text_proj.learned_classifier_free_guidance_embeddings
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        z: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        z_t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_t (B, 3, H, W); t (B,); z, z_t (B, D); text_tokens (B, T, D); token_mask (B, T) True = real.
+        Returns (B, 3, H, W) ε, or (B, 6, H, W) ε and the variance values."""
+        if text_tokens is None or z_t is None:
+            raise ValueError("Karlo's decoder reads the caption: pass text_tokens and z_t")
+        if token_mask is None:
+            token_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x_t.device)
+        context, time = self.text_proj(
+            image_embeddings=z.to(x_t.dtype),
+            prompt_embeds=z_t.to(x_t.dtype),
+            text_encoder_hidden_states=text_tokens.to(x_t.dtype),
+            do_classifier_free_guidance=False,
+        )
+        mask = F.pad(token_mask, (self.config.context_tokens, 0), value=True)
+        return self.unet(x_t, t, encoder_hidden_states=context, class_labels=time, attention_mask=mask).sample
 
 
 class Upsampler(nn.Module):

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, UnCLIPScheduler
 
 TRAIN_STEPS = 1000
 # One stream per purpose, each with a fixed number (its spawn key); a new purpose takes a new number,
@@ -111,3 +113,98 @@ def ddim_sample(
 def guided(model_out_cond: torch.Tensor, model_out_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on a model output."""
     return model_out_uncond + scale * (model_out_cond - model_out_uncond)
+
+
+# Learned variance (Nichol & Dhariwal 2021, "Improved DDPM"; Karlo's decoder): the network outputs, beside ε,
+# values v in [-1, 1] that interpolate the reverse step's log variance between the posterior's β̃_t and β_t;
+# they are trained by the variational bound's term at t (the "hybrid" loss L_simple + λ·L_vlb, with λ·T = 1
+# for T = 1000 steps), through which ε receives no gradient.
+
+
+def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] per row, shaped to broadcast over `like` (B, ...)."""
+    return values.to(like.device, torch.float64)[t].float().view(-1, *([1] * (like.dim() - 1)))
+
+
+def posterior(schedule: DDPMScheduler, x_0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    """Mean and clipped log variance of q(x_{t-1} | x_t, x_0) (log β̃_1 stands in at t = 0, where β̃_0 = 0)."""
+    abar = schedule.alphas_cumprod.double()
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    betas = schedule.betas.double()
+    variance = betas * (1 - abar_prev) / (1 - abar)
+    log_variance = torch.log(torch.cat([variance[1:2], variance[1:]]))
+    coef_0 = betas * abar_prev.sqrt() / (1 - abar)
+    coef_t = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+    mean = _at(coef_0, t, x_t) * x_0 + _at(coef_t, t, x_t) * x_t
+    return mean, _at(log_variance, t, x_t)
+
+
+def model_log_variance(schedule: DDPMScheduler, values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The reverse step's log variance from the network's values v ∈ [-1, 1]: between log β̃_t and log β_t."""
+    _, min_log = posterior(schedule, values, values, t)
+    max_log = _at(torch.log(schedule.betas.double()), t, values)
+    frac = (values + 1) / 2
+    return frac * max_log + (1 - frac) * min_log
+
+
+def _normal_kl(mean_1, log_var_1, mean_2, log_var_2) -> torch.Tensor:
+    return 0.5 * (
+        -1.0 + log_var_2 - log_var_1 + torch.exp(log_var_1 - log_var_2) + (mean_1 - mean_2) ** 2 * torch.exp(-log_var_2)
+    )
+
+
+def _discretised_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) of 8-bit images in [-1, 1] under a Gaussian discretised to their 256 levels (Ho et al. 2020)."""
+    centred = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))  # noqa: E731
+    cdf_plus, cdf_min = cdf(inv_std * (centred + 1 / 255)), cdf(inv_std * (centred - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vlb_term(
+    schedule: DDPMScheduler,
+    eps: torch.Tensor,
+    values: torch.Tensor,
+    x_0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+) -> torch.Tensor:
+    """The variational bound's term at t per row, in bits per dimension: KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t))
+    for t > 0, the discretised decoder NLL of x_0 at t = 0. The model's mean is built from ε detached, so this
+    term trains the variance values only (Improved DDPM)."""
+    abar = _at(schedule.alphas_cumprod.double(), t, x_t)
+    x_0_hat = (x_t - (1 - abar).sqrt() * eps.detach()) / abar.sqrt()
+    model_mean, _ = posterior(schedule, x_0_hat, x_t, t)
+    true_mean, true_log_var = posterior(schedule, x_0, x_t, t)
+    log_var = model_log_variance(schedule, values, t)
+    dims = tuple(range(1, x_0.dim()))
+    kl = _normal_kl(true_mean, true_log_var, model_mean, log_var).mean(dims) / math.log(2.0)
+    nll = -_discretised_log_likelihood(x_0, model_mean, 0.5 * log_var).mean(dims) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def unclip_sample(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    steps: int,
+    generators: list[torch.Generator],
+    learned_variance: bool = True,
+) -> torch.Tensor:
+    """Ancestral sampling of an ε-predicting image model as Karlo samples it (diffusers' UnCLIPScheduler: steps
+    spread over [999, 0], the learned or the fixed small variance, x̂_0 clipped to [-1, 1]); row i's fresh noise
+    comes from generators[i], so a sample does not depend on its batch."""
+    scheduler = UnCLIPScheduler(
+        variance_type="learned_range" if learned_variance else "fixed_small_log", prediction_type="epsilon"
+    )
+    scheduler.set_timesteps(steps, device=noise.device)
+    x, timesteps = noise, scheduler.timesteps
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            output = denoise(x, torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long))
+            previous = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
+            x = scheduler.step(output, t, x, prev_timestep=previous, generator=generators).prev_sample
+    return x

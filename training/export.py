@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from embeddings import store
 from embeddings.config import ConfigError
 from training.conditioning import FrozenText
-from training.decoder_net import Decoder, DecoderConfig, Upsampler, UpsamplerConfig
+from training.decoder_net import DecoderConfig, Upsampler, UpsamplerConfig, build_decoder
 from training.prior_net import DiffusionPrior, PriorConfig
 from training.samplers import DecoderSampler, PriorSampler, UpsamplerSampler
 
@@ -109,7 +109,7 @@ def load_prior(folder: str | Path, clip_checksum: str | None = None, encoder=Non
 
 def load_decoder(folder: str | Path, clip_checksum: str | None = None, encoder=None) -> DecoderSampler:
     """An exported decoder (or the GLIDE-like baseline), ready to sample."""
-    config, net = _load(folder, "decoder", lambda sizes: Decoder(DecoderConfig(**sizes)), clip_checksum)
+    config, net = _load(folder, "decoder", lambda sizes: build_decoder(DecoderConfig(**sizes)), clip_checksum)
     hp = config["hparams"]
     text = FrozenText(hp["text_tokens"], config["clip"], encoder)
     return DecoderSampler(net, text, hp["prediction_type"], hp["condition"], hp["sampling"])

@@ -156,6 +156,62 @@ def load_published_prior(net: torch.nn.Module, path: str | Path) -> None:
     load_strict(net.transformer, read_weights(folder), f"init_from {folder}")
 
 
+KARLO_DECODER = {
+    "in_channels": 3,
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "resnet_time_scale_shift": "scale_shift",
+    "class_embed_type": "identity",
+}
+
+
+def decoder_sizes(path: str | Path) -> dict:
+    """DecoderConfig fields (layout karlo) of a Karlo pipeline folder's decoder/ and text_proj/; a decoder whose
+    blocks or conditioning differ from Karlo's is refused, naming the switch."""
+    path = Path(path)
+    where = f"{path}/decoder"
+    unet = json.loads((path / "decoder" / "config.json").read_text())
+    proj = json.loads((path / "text_proj" / "config.json").read_text())
+    levels = len(unet["block_out_channels"])
+    expected = dict(
+        KARLO_DECODER,
+        down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (levels - 1),
+        up_block_types=["SimpleCrossAttnUpBlock2D"] * (levels - 1) + ["ResnetUpsampleBlock2D"],
+    )
+    for key, value in expected.items():
+        if (list(unet[key]) if isinstance(unet.get(key), (list, tuple)) else unet.get(key)) != value:
+            raise ConfigError(f"{where}: {key} = {unet.get(key)!r}, not Karlo's {value!r}")
+    head = unet["attention_head_dim"]
+    if not isinstance(head, int):
+        raise ConfigError(f"{where}: attention_head_dim {head!r} per block; this code builds one head width")
+    if (
+        proj["time_embed_dim"] != 4 * unet["block_out_channels"][0]
+        or proj["cross_attention_dim"] != unet["cross_attention_dim"]
+    ):
+        raise ConfigError(f"{path}/text_proj: its widths do not fit the decoder's")
+    from training.decoder_net import DecoderConfig
+
+    return DecoderConfig(
+        image_size=unet["sample_size"],
+        dim=proj["clip_embeddings_dim"],
+        channels=list(unet["block_out_channels"]),
+        layers_per_block=unet["layers_per_block"],
+        head_width=head,
+        context_tokens=proj["clip_extra_context_tokens"],
+        context_width=unet["cross_attention_dim"],
+        text_token_width=proj["clip_embeddings_dim"],
+        norm_groups=unet["norm_num_groups"],
+        layout="karlo",
+        learned_variance=unet["out_channels"] == 6,
+    ).to_dict()
+
+
+def load_published_decoder(net: torch.nn.Module, path: str | Path) -> None:
+    """Fill our KarloDecoder `net` with a Karlo folder's decoder/ and text_proj/ weights (strict, by name)."""
+    path = Path(path)
+    load_strict(net.text_proj, read_weights(path / "text_proj"), f"{path}/text_proj")
+    load_strict(net.unet, read_weights(path / "decoder"), f"{path}/decoder")
+
+
 def statistics_fit(net: torch.nn.Module, z_raw: torch.Tensor) -> float:
     """The spread (std over all values) of raw image embeddings (N, D) in the prior's normalised space: about
     1 where the data was embedded by the CLIP whose statistics the published prior carries."""

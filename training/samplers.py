@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from training.conditioning import Caption, FrozenText, drop_caption, drop_embedding
-from training.decoder_net import Decoder, Upsampler, upsample
-from training.diffusion import ddim_sample, guided, seeded_noise, stream
+from training.decoder_net import Upsampler, upsample
+from training.diffusion import ddim_sample, guided, seeded_noise, stream, unclip_sample
 from training.prior_net import DiffusionPrior
 
 
@@ -121,7 +121,7 @@ class DecoderSampler:
 
     def __init__(
         self,
-        net: Decoder,
+        net: torch.nn.Module,
         text: FrozenText,
         prediction_type: str,
         condition: str = "image",
@@ -132,13 +132,18 @@ class DecoderSampler:
         self.config = net.config
 
     def caption(self, captions: list[str] | None, b: int, device) -> Caption:
-        """The decoder's text tokens for `captions`; none given: the dropped caption, for all b rows."""
+        """The decoder's caption condition for `captions` (text tokens, and z_t for decoders that read it); none
+        given: the dropped caption, for all b rows."""
         if self.text.mode == "none":
             return Caption()
+        reads_z_t = self.net.reads_text_embedding
         if captions:
-            return Caption(None, *self.text.tokens(list(captions), device))
+            z_t = self.text.encoder(device).encode_texts(list(captions)).clone().to(device) if reads_z_t else None
+            return Caption(z_t, *self.text.tokens(list(captions), device))
         empty = self.text.empty(device)
-        return Caption(None, empty.tokens, empty.mask).map(lambda v: v.expand(b, *v.shape[1:]))
+        return Caption(empty.z_t if reads_z_t else None, empty.tokens, empty.mask).map(
+            lambda v: v.expand(b, *v.shape[1:])
+        )
 
     @torch.no_grad()
     def sample(
@@ -150,7 +155,9 @@ class DecoderSampler:
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """Images (B, 3, s, s) in [-1, 1] for CLIP vectors z (B, D). No captions: the dropped caption (image
-        variations, interpolations). Guidance: the conditional and unconditional halves in one batch."""
+        variations, interpolations). Guidance: the conditional and unconditional halves in one batch, on ε (a
+        learned variance is taken from the conditional half, as UnCLIPPipeline does). A decoder with a learned
+        variance samples as Karlo does (training/diffusion.py:unclip_sample); the others by DDIM with `eta`."""
         s = self.sampling
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         device = _device(self.net)
@@ -159,26 +166,35 @@ class DecoderSampler:
         caption = self.caption(captions, b, device)
         if scale != 1.0:  # the unconditional half: z and the caption dropped
             everything = torch.ones(b, dtype=torch.bool, device=device)
-            z = torch.cat([z, drop_embedding(z, everything)])
+            z = torch.cat([z, drop_embedding(z, everything, self.net.null_embedding())])
             if caption.tokens is not None:
                 caption = caption.cat(drop_caption(caption, everything, self.text.empty(device)))
+        extra = {"z_t": caption.z_t} if self.net.reads_text_embedding else {}
 
         def denoise(x_t, t):
             if scale == 1.0:
-                return self.net(x_t, t, z, caption.tokens, caption.mask)
-            out = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), z, caption.tokens, caption.mask)
-            return guided(*out.chunk(2), scale)
+                return self.net(x_t, t, z, caption.tokens, caption.mask, **extra)
+            out = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), z, caption.tokens, caption.mask, **extra)
+            cond, uncond = out.chunk(2)
+            if self.config.learned_variance:
+                (eps, values), (eps_uncond, _) = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)
+                return torch.cat([guided(eps, eps_uncond, scale), values], dim=1)
+            return guided(cond, uncond, scale)
 
         noise = seeded_noise(seeds, (3, size, size), "decoder_start").to(device)
-        x_0 = ddim_sample(
-            denoise,
-            noise,
-            steps or s.steps,
-            self.prediction_type,
-            clip_sample=True,
-            eta=s.eta,
-            step_noise=step_generators(seeds, "decoder_step"),
-        )
+        generators = step_generators(seeds, "decoder_step")
+        if self.config.learned_variance:
+            x_0 = unclip_sample(denoise, noise, steps or s.steps, generators)
+        else:
+            x_0 = ddim_sample(
+                denoise,
+                noise,
+                steps or s.steps,
+                self.prediction_type,
+                clip_sample=True,
+                eta=s.eta,
+                step_noise=generators,
+            )
         return x_0.clamp(-1, 1)
 
 
