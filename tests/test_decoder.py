@@ -492,3 +492,35 @@ def test_a_learned_variance_needs_the_karlo_layout_and_epsilon(tiny_clip_dir):
         Decoder(DecoderConfig(**sizes, learned_variance=True))
     with pytest.raises(ValueError, match="predicts ε: set prediction_type: epsilon"):
         DecoderModule(dict(sizes, layout="karlo", learned_variance=True, text_token_width=32), {}, text_tokens="clip")
+
+
+def test_an_upsampler_fine_tunes_from_a_karlo_folder_and_exports(tiny_embed, tmp_path):
+    """make train-upsampler with init_from Karlo's layout (a tiny random-weight pipeline saved by diffusers): the
+    sizes come from its super_res_first, a few ε steps train, the export loads and samples."""
+    from .diffusers_tiny import tiny_unclip_pipeline
+
+    config, _ = tiny_embed
+    tiny_unclip_pipeline(tmp_path / "karlo").save_pretrained(tmp_path / "karlo" / "saved")
+    settings = dict(load_upsampler_config(REPO / "configs/decoder/upsampler-tiny.yaml"), data_root=config.data_root)
+    record = RecordBatches()
+    _with_callback(
+        record,
+        lambda: train_upsampler(
+            **dict(
+                settings,
+                upsampler={"factor": 4},
+                init_from=str(tmp_path / "karlo" / "saved"),
+                prediction_type="epsilon",
+                max_steps=3,
+                val_every=1000,
+                precision="32-true",
+                models_root=str(tmp_path / "models"),
+                outputs_root=str(tmp_path / "outputs"),
+            )
+        ),
+    )
+    assert len(record.losses) == 3 and all(math.isfinite(loss) for loss in record.losses)
+    upsampler = load_upsampler(tmp_path / "models" / "tiny" / "upsampler")
+    assert upsampler.net.unet.config.down_block_types[0] == "ResnetDownsampleBlock2D"
+    images = upsampler.sample(torch.zeros(1, 3, 8, 8), [0], steps=2)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()

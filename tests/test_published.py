@@ -265,3 +265,38 @@ def test_a_karlo_decoder_and_text_projection_load_into_ours_and_compute_what_the
     save_file(state, str(weights))
     with pytest.raises(ConfigError, match=r"embedding_proj.weight has shape \(64, 31\)"):
         load_published_decoder(KarloDecoder(DecoderConfig(**sizes)), tmp_path / "saved")
+
+
+def test_init_from_a_karlo_super_resolution_unet_computes_what_it_computes(tmp_path):
+    """An upsampler started from Karlo's super_res_first: its UNet2DModel config kept whole, its weights loaded
+    strictly; given the upsampled image, our forward is the published UNet's on [x_t, image]; sizes in the
+    config that contradict it, a conditioning embedding, or a v-prediction are refused."""
+    from embeddings.config import ConfigError
+    from training.decoder import UpsamplerModule
+    from training.decoder_net import Upsampler, UpsamplerConfig
+    from training.published import load_published_upsampler, upsampler_sizes
+
+    pipeline = tiny_unclip_pipeline(tmp_path / "karlo")
+    pipeline.save_pretrained(tmp_path / "saved")
+    sizes = upsampler_sizes(tmp_path / "saved", {"factor": 4, "dim": 0})
+    assert sizes["image_size"] == 32 and sizes["unet"]["down_block_types"][0] == "ResnetDownsampleBlock2D"
+    net = Upsampler(UpsamplerConfig(**sizes)).eval()
+    load_published_upsampler(net, tmp_path / "saved")
+    g = torch.Generator().manual_seed(0)
+    x_t, image, t = (
+        torch.randn(2, 3, 32, 32, generator=g),
+        torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+        torch.tensor([3, 600]),
+    )
+    with torch.no_grad():
+        expected = pipeline.super_res_first(torch.cat([x_t, image], dim=1), t).sample
+        torch.testing.assert_close(net(x_t, t, image), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="upsampler.channels"):
+        upsampler_sizes(tmp_path / "saved", {"channels": [8, 16]})
+    with pytest.raises(ValueError, match="nothing else"):
+        Upsampler(UpsamplerConfig(**dict(sizes, dim=32)))
+    with pytest.raises(ValueError, match="predict ε"):
+        UpsamplerModule(sizes, init_from=str(tmp_path / "saved"), prediction_type="v_prediction")
+    module = UpsamplerModule(sizes, init_from=str(tmp_path / "saved"), prediction_type="epsilon")
+    state = pipeline.super_res_first.state_dict()
+    assert all(torch.equal(v, module.ema.unet.state_dict()[k]) for k, v in state.items())

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from training.conditioning import Caption, FrozenText, drop_caption, drop_embedding
 from training.decoder_net import DecoderConfig, Upsampler, UpsamplerConfig, build_decoder, downsample, upsample
 from training.diffusion import noise_schedule, sample_timesteps, stream, vlb_term
+from training.published import load_published_upsampler
 from training.grid import save_grid, to_uint8
 from training.samplers import DecoderSampler, UpsamplerSampler
 from training.trainer import DiffusionModule
@@ -170,8 +171,9 @@ class UpsamplerModule(ImageDiffusionModule):
 
     def __init__(
         self,
-        upsampler: dict,
+        upsampler: dict | None = None,
         *,
+        init_from: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 200,
@@ -185,12 +187,18 @@ class UpsamplerModule(ImageDiffusionModule):
         sampling: dict | None = None,
         seed: int = 0,
     ):
-        """`upsampler`: UpsamplerConfig sizes; `train_crop`: side of the random crops trained on (0 = whole
+        """`upsampler`: UpsamplerConfig sizes (with `init_from`: a published UNet2DModel's, Karlo's super_res_first
+        or such a folder, whose weights start training); `train_crop`: side of the random crops trained on (0 = whole
         images; a multiple of 4); `sampling`: UpsamplerSampling fields."""
         super().__init__()
         self.save_hyperparameters()
-        self.config = UpsamplerConfig(**upsampler)
-        self.init_image_nets(Upsampler(self.config))
+        self.config = UpsamplerConfig(**(upsampler or {}))
+        if init_from and prediction_type != "epsilon":
+            raise ValueError("published super-resolution UNets (Karlo's) predict ε: set prediction_type: epsilon")
+        net = Upsampler(self.config)
+        if init_from:
+            load_published_upsampler(net, init_from)
+        self.init_image_nets(net)
         self.sampler = UpsamplerSampler(self.ema, prediction_type, sampling)
 
     def low_resolution(self, images: torch.Tensor) -> torch.Tensor:

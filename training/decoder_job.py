@@ -19,6 +19,7 @@ from training.decoder import DecoderModule, UpsamplerModule
 from training.decoder_data import ImageEmbeddingDataModule
 from training.decoder_net import DecoderConfig, UpsamplerConfig
 from training.export import save_export
+from training.published import upsampler_sizes
 from training.samplers import DecoderSampling, UpsamplerSampling
 from training.settings import ExportRun, JobSpec, check_dim, clip_record
 from training.trainer import build_trainer, resume_checkpoint
@@ -63,7 +64,8 @@ def train_upsampler(**settings) -> dict:
     run = ExportRun(**parts["run"])
     manifest = store.complete_manifest(run.layout().embeddings)
     hp = parts["module"]
-    upsampler = check_dim("upsampler", hp["upsampler"], manifest) if hp["upsampler"].get("dim") else hp["upsampler"]
+    upsampler = upsampler_sizes(hp["init_from"], hp["upsampler"]) if hp["init_from"] else dict(hp["upsampler"] or {})
+    upsampler = check_dim("upsampler", upsampler, manifest) if upsampler.get("dim") else upsampler
     L.seed_everything(hp["seed"], workers=True)
     return _fit(
         UpsamplerModule(**dict(hp, upsampler=upsampler, blur_sigma=tuple(hp["blur_sigma"]))), run, parts, manifest

@@ -57,6 +57,7 @@ class UpsamplerConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     norm_groups: int = 16
+    unet: dict | None = None  # a published UNet2DModel's whole config (init_from): it replaces the sizes above
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,17 +228,30 @@ class Upsampler(nn.Module):
         super().__init__()
         self.config = c = config
         levels = len(c.channels)
-        self.unet = UNet2DModel(
-            sample_size=c.image_size,
-            in_channels=6,
-            out_channels=3,
-            block_out_channels=tuple(c.channels),
-            layers_per_block=c.layers_per_block,
-            norm_num_groups=c.norm_groups,
-            down_block_types=("DownBlock2D",) * levels,
-            up_block_types=("UpBlock2D",) * levels,
-            class_embed_type="identity" if c.dim else None,
-        )
+        if c.unet:
+            if (
+                c.dim
+                or c.unet.get("in_channels") != 6
+                or c.unet.get("out_channels") != 3
+                or c.unet.get("class_embed_type")
+            ):
+                raise ValueError(
+                    "a published upsampler is a UNet2DModel reading the noisy and the upsampled image (6 channels in, "
+                    "3 out) and nothing else (upsampler.dim 0)"
+                )
+            self.unet = UNet2DModel(**{k: v for k, v in c.unet.items() if not k.startswith("_")})
+        else:
+            self.unet = UNet2DModel(
+                sample_size=c.image_size,
+                in_channels=6,
+                out_channels=3,
+                block_out_channels=tuple(c.channels),
+                layers_per_block=c.layers_per_block,
+                norm_num_groups=c.norm_groups,
+                down_block_types=("DownBlock2D",) * levels,
+                up_block_types=("UpBlock2D",) * levels,
+                class_embed_type="identity" if c.dim else None,
+            )
         self.to_time = nn.Linear(c.dim, 4 * c.channels[0]) if c.dim else None  # into the timestep embedding's width
         self.scale = math.sqrt(c.dim) if c.dim else 1.0
 

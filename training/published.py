@@ -212,6 +212,39 @@ def load_published_decoder(net: torch.nn.Module, path: str | Path) -> None:
     load_strict(net.unet, read_weights(path / "decoder"), f"{path}/decoder")
 
 
+def upsampler_folder(path: str | Path) -> Path:
+    """The UNet2DModel folder of `path`: a Karlo pipeline's super_res_first/, or the folder itself."""
+    path = Path(path)
+    folder = path / "super_res_first" if (path / "model_index.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"init_from {path}: no super_res_first/ (Karlo's layout) or UNet2DModel config.json")
+    return folder
+
+
+def upsampler_sizes(path: str | Path, configured: dict | None = None) -> dict:
+    """UpsamplerConfig fields of a published super-resolution UNet2DModel (its whole config under `unet`); the
+    config's own `upsampler:` keys may set `factor` and must otherwise agree."""
+    from training.decoder_net import UpsamplerConfig
+
+    folder = upsampler_folder(path)
+    unet = json.loads((folder / "config.json").read_text())
+    if unet.get("_class_name") != "UNet2DModel":
+        raise ConfigError(f"init_from {folder}: a {unet.get('_class_name')!r}, not a UNet2DModel")
+    sizes = {"image_size": unet["sample_size"], "unet": {k: v for k, v in unet.items() if not k.startswith("_")}}
+    for key, value in (configured or {}).items():
+        if key == "factor":
+            sizes[key] = value
+        elif not (key == "dim" and not value) and sizes.get(key, ...) != value:
+            raise ConfigError(f"upsampler.{key} = {value!r}: the upsampler at init_from {folder} fixes its sizes")
+    return UpsamplerConfig(**sizes).to_dict()
+
+
+def load_published_upsampler(net: torch.nn.Module, path: str | Path) -> None:
+    """Fill our Upsampler `net` (built from `upsampler_sizes`) with the published UNet's weights, strictly."""
+    folder = upsampler_folder(path)
+    load_strict(net.unet, read_weights(folder), f"init_from {folder}")
+
+
 def statistics_fit(net: torch.nn.Module, z_raw: torch.Tensor) -> float:
     """The spread (std over all values) of raw image embeddings (N, D) in the prior's normalised space: about
     1 where the data was embedded by the CLIP whose statistics the published prior carries."""
