@@ -191,12 +191,12 @@ submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|trai
 	$(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . -- \
 		$(SUBMIT_PYTHON) -m $(JOB_$(JOB)) $(SET_OPTS)
 
-# The committed default CLIP (models/synthetic/clip) stays.
 export-diffusers: setup ## OUT=dir: the exported prior as a KandinskyV22PriorPipeline folder diffusers loads [MODELS=folder]
 	@test -n "$(OUT)" || { echo 'usage: make export-diffusers OUT=exports/mine [MODELS=models/mine]'; exit 2; }
 	$(PY) -m training export-diffusers $(if $(DATA_GIVEN),--data "$(DATA_SET)") $(if $(MODELS),--models "$(MODELS)") \
 		--out "$(OUT)"
 
+# The committed default CLIP (models/synthetic/clip) stays.
 clean: ## remove generated data, outputs and trained models (keeps .venv and the committed CLIP)
 	rm -rf data outputs $(filter-out models/synthetic,$(wildcard models/*)) \
 		$(filter-out models/synthetic/clip,$(wildcard models/synthetic/*))

@@ -37,7 +37,7 @@ def _activation(tower) -> str:
         return "quick_gelu"
     if isinstance(gelu, torch.nn.GELU) and gelu.approximate == "none":
         return "gelu"
-    raise ValueError(f"the text tower's activation {gelu} has no transformers equivalent here")
+    raise ValueError(f"the tower's activation {gelu} has no transformers equivalent here")
 
 
 def text_config(model, eos_token_id: int = 49407):
@@ -61,7 +61,7 @@ def text_config(model, eos_token_id: int = 49407):
         projection_dim=(projection.weight.shape[0] if isinstance(projection, torch.nn.Linear) else projection.shape[1]),
         bos_token_id=eos_token_id - 1,
         eos_token_id=eos_token_id,
-        pad_token_id=0,
+        pad_token_id=eos_token_id,  # as the written tokenizer pads
     )
 
 
@@ -193,6 +193,18 @@ def to_transformers_text(model):
     from transformers import CLIPTextModelWithProjection
 
     return _load(CLIPTextModelWithProjection(text_config(model)), text_state(model), "text tower")
+
+
+def check_tokenizer(encoder) -> None:
+    """Refuse a CLIP whose tokenizer is not open_clip's own BPE (the only vocabulary write_tokenizer writes)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    vocab = encoder.model.token_embedding.weight.shape[0]
+    if not isinstance(encoder.tokenizer, SimpleTokenizer) or vocab != len(SimpleTokenizer().encoder):
+        raise ValueError(
+            f"the CLIP's tokenizer is a {type(encoder.tokenizer).__name__} over {vocab} tokens: only open_clip's own "
+            "BPE vocabulary (49 408 tokens) is written as CLIPTokenizer files"
+        )
 
 
 def write_tokenizer(folder: str | Path, context_length: int) -> Path:

@@ -143,12 +143,7 @@ def tiny_kandinsky_prior_pipeline(folder: Path):
     ).eval()
     processor = CLIPImageProcessor(crop_size=32, size=32)
     return KandinskyV22PriorPipeline(
-        prior=tiny_prior(
-            time_embed_act_fn="gelu",
-            norm_in_type="layer",
-            embedding_proj_norm_type="layer",
-            encoder_hid_proj_type="linear",
-        ),
+        prior=tiny_prior(),
         image_encoder=vision,
         text_encoder=tiny_text_encoder(len(tokenizer)),
         tokenizer=tokenizer,

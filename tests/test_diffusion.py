@@ -312,12 +312,18 @@ def test_the_variational_bound_term_is_zero_for_the_true_reverse_step_and_trains
 
     from training.diffusion import model_log_variance, vlb_term
 
+    from training.diffusion import posterior
+
     schedule = noise_schedule("epsilon")
     g = torch.Generator().manual_seed(0)
     x_0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
     noise = torch.randn(x_0.shape, generator=g)
     t = torch.tensor([1, 10, 500, 999])
     x_t = schedule.add_noise(x_0, noise, t)
+    # the posterior mean given x_0 equals DDPM's ε form of the reverse mean (Ho et al. 2020, eq. 11)
+    abar, beta = schedule.alphas_cumprod[t].view(-1, 1, 1, 1), schedule.betas[t].view(-1, 1, 1, 1)
+    ddpm_mean = (x_t - beta / (1 - abar).sqrt() * noise) / (1 - beta).sqrt()
+    torch.testing.assert_close(posterior(schedule, x_0, x_t, t)[0], ddpm_mean, atol=1e-4, rtol=1e-4)
     exact = vlb_term(schedule, noise, -torch.ones_like(x_0), x_0, x_t, t)
     assert exact.abs().max() < 1e-6
     wrong = vlb_term(schedule, noise, torch.ones_like(x_0), x_0, x_t, t)  # log β_t: β_t ≈ β̃_t for large t
@@ -325,6 +331,17 @@ def test_the_variational_bound_term_is_zero_for_the_true_reverse_step_and_trains
     eps, values = noise.clone().requires_grad_(), torch.zeros_like(x_0, requires_grad=True)
     vlb_term(schedule, eps, values, x_0, x_t, t).sum().backward()
     assert eps.grad is None and values.grad.abs().sum() > 0
+    # t = 0: the discretised likelihood of 8-bit x_0. With the exact ε the mean is x_0, so each interior pixel's
+    # probability is the Gaussian mass of its bin, 2Φ(h/σ) − 1 with h = 1/255 and σ² = β̃_1
+    on_grid = (torch.round((x_0 + 1) * 127.5) / 127.5 - 1).clamp(-0.99, 0.99)
+    zero = torch.zeros(4, dtype=torch.long)
+    x_1 = schedule.add_noise(on_grid, noise, zero)
+    nll = vlb_term(schedule, noise, -torch.ones_like(x_0), on_grid, x_1, zero)
+    a = schedule.alphas_cumprod.double()
+    sigma = (schedule.betas[1].double() * (1 - a[0]) / (1 - a[1])).sqrt().float()
+    bits = -torch.log2(2 * torch.special.ndtr(torch.tensor(1 / 255) / sigma) - 1)
+    torch.testing.assert_close(nll, bits.expand(4).float(), atol=0.01, rtol=0)
+    assert (vlb_term(schedule, noise + 0.5, -torch.ones_like(x_0), on_grid, x_1, zero) > nll + 0.2).all()
     karlo = UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon")
     for step in (10, 500):
         v = torch.tensor([-0.5, 0.3])

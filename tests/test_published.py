@@ -44,8 +44,8 @@ def test_the_pinned_transformers_runs_diffusers_unclip_and_kandinsky_pipelines_o
 
 
 LAYOUTS = {
-    "karlo": {},  # PriorTransformer's defaults: silu timestep MLP, no input norms
-    "kandinsky22": dict(
+    "defaults": {},  # PriorTransformer's defaults (silu timestep MLP, no input norms), as Karlo's prior has them
+    "switches": dict(  # the layout switches PriorTransformer offers; a folder's config.json says which it uses
         time_embed_act_fn="gelu", norm_in_type="layer", embedding_proj_norm_type="layer", encoder_hid_proj_type="linear"
     ),
 }
@@ -120,7 +120,7 @@ def test_a_published_prior_with_a_renamed_reshaped_or_missing_tensor_is_refused_
     from training.prior_net import DiffusionPrior, PriorConfig
     from training.published import checked_prior_sizes, load_published_prior
 
-    published_prior(tmp_path, "karlo")
+    published_prior(tmp_path, "defaults")
     _edit_weights(tmp_path, edit)
     net = DiffusionPrior(PriorConfig(**checked_prior_sizes(tmp_path, None)))
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -133,7 +133,7 @@ def test_config_sizes_that_contradict_the_published_prior_are_refused(tmp_path):
     from embeddings.config import ConfigError
     from training.published import checked_prior_sizes
 
-    published_prior(tmp_path, "karlo")
+    published_prior(tmp_path, "defaults")
     assert checked_prior_sizes(tmp_path, {"dim": CLIP_DIM, "dropout": 0.1})["dropout"] == 0.1
     with pytest.raises(ConfigError, match=r"prior.depth is 4 but the prior at init_from .* has 1"):
         checked_prior_sizes(tmp_path, {"depth": 4})
@@ -145,7 +145,7 @@ def test_config_sizes_that_contradict_the_published_prior_are_refused(tmp_path):
         checked_prior_sizes(tmp_path / "prior" / "nothing", None)
 
 
-def _raw_prior_export(folder, clip_dir, layout: str = "kandinsky22"):
+def _raw_prior_export(folder, clip_dir, layout: str = "switches"):
     """models/<name>/prior/ of a prior in raw CLIP space (a tiny published one, loaded by init_from) trained
     against the tiny test CLIP (32-d, 32 tokens)."""
     from training.conditioning import load_clip
@@ -226,7 +226,7 @@ def test_what_cannot_export_to_diffusers_says_why(tiny_clip_dir, tmp_path):
         to_transformers_vision(default_clip.model)
 
 
-def test_a_karlo_decoder_and_text_projection_load_into_ours_and_compute_what_the_pipeline_computes(tmp_path):
+def test_a_karlo_decoder_and_text_projection_load_into_ours_and_compute_the_pipelines_decoder_call(tmp_path):
     """Our KarloDecoder built from a Karlo folder's decoder/ and text_proj/ configs and filled from their weights
     (strict): the pipeline's decoder call (text projection, 4 extra tokens before the masked text encodings,
     the additive time embedding) gives the same 6 channels; a reshaped tensor is refused by name."""

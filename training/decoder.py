@@ -1,12 +1,14 @@
 """`make train-decoder` and `make train-upsampler`: the image diffusion models of unCLIP.
 
-Both predict v (or the noise ε; `prediction_type`) with an MSE loss, keep an EMA copy of the
+Both predict v (or the noise ε; `prediction_type`) with an MSE loss (a decoder with a learned variance
+adds the variational bound's term: the hybrid loss), keep an EMA copy of the
 network for sampling, evaluation and export, draw their noise from the stream of (seed, step, rank)
 so a resumed run repeats what it would have drawn, and save a PNG grid of samples from fixed val
 samples at each validation, so progress is visible. Sampling is training/samplers.py's.
 
 Decoder: conditioned on a CLIP vector z (the image embedding for unCLIP; the text embedding for the
-GLIDE-like baseline of `make eval`), which is dropped (zeroed) 10% of the time, and optionally on
+GLIDE-like baseline of `make eval`), which is dropped (zeroed; Karlo's layout: its learned null vector)
+10% of the time, and optionally on
 text tokens, dropped (the empty caption's) 50% of the time (paper §2.1); sampling applies
 classifier-free guidance to the model output.
 Upsampler: conditioned on the ×4 smaller image made by box downsampling, blurred with a random

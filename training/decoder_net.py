@@ -5,7 +5,8 @@ projected and added to the timestep embedding (the UNet's `class_embed_type="pro
 projected into 4 extra context tokens that every cross-attention layer attends to, concatenated
 with projected text token encodings when those are used. Cross-attention runs `channels // head_width`
 heads of width `head_width` at each level. The network knows nothing of dropped conditions: the
-caller passes the zeroed z and the empty caption's tokens in their place (training/conditioning.py).
+caller passes the dropped z (`null_embedding()`) and the empty caption's tokens in their place
+(training/conditioning.py). Karlo's layout (`KarloDecoder`, `layout: karlo`) is described at its class.
 `z` is whatever vector the module conditions on: the CLIP image embedding for unCLIP, the CLIP text
 embedding for the GLIDE-like baseline (same network, same places).
 
@@ -143,6 +144,26 @@ class Decoder(nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=context, class_labels=z, encoder_attention_mask=mask).sample
 
 
+def karlo_unet_kwargs(c: DecoderConfig) -> dict:
+    """The UNet2DConditionModel arguments of Karlo's decoder at the sizes of `c` (the one statement of its layout)."""
+    levels = len(c.channels)
+    return dict(
+        sample_size=c.image_size,
+        in_channels=3,
+        out_channels=6 if c.learned_variance else 3,
+        block_out_channels=tuple(c.channels),
+        layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_groups,
+        down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * (levels - 1) + ("ResnetUpsampleBlock2D",),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        cross_attention_dim=c.context_width,
+        attention_head_dim=c.head_width,  # these blocks read it as the head width
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type="identity",
+    )
+
+
 class KarloDecoder(nn.Module):
     """ε (and variance values) = decoder(x_t, t, z, text_tokens, token_mask, z_t), in Karlo's layout: diffusers'
     `UnCLIPTextProjModel` turns z (the CLIP image embedding) and z_t (the pooled text embedding) into an
@@ -159,15 +180,12 @@ class KarloDecoder(nn.Module):
         from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
         self.config = c = config
-        levels = len(c.channels)
         if c.text_token_width != c.dim:
             raise ValueError(
                 f"decoder.text_token_width {c.text_token_width} must equal the CLIP dim {c.dim}: Karlo's text projection "
                 "reads the caption's token encodings (text_tokens: clip) with a layer of the CLIP's width"
             )
-        for level, width in enumerate(c.channels):
-            if width % c.head_width:
-                raise ValueError(f"decoder.channels[{level}] = {width} is not a multiple of head_width {c.head_width}")
+        attention_heads(c.channels, c.head_width)  # every attention level's width a multiple of head_width
         time_width = 4 * c.channels[0]
         self.text_proj = UnCLIPTextProjModel(
             clip_extra_context_tokens=c.context_tokens,
@@ -175,21 +193,7 @@ class KarloDecoder(nn.Module):
             time_embed_dim=time_width,
             cross_attention_dim=c.context_width,
         )
-        self.unet = UNet2DConditionModel(
-            sample_size=c.image_size,
-            in_channels=3,
-            out_channels=6 if c.learned_variance else 3,
-            block_out_channels=tuple(c.channels),
-            layers_per_block=c.layers_per_block,
-            norm_num_groups=c.norm_groups,
-            down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (levels - 1),
-            up_block_types=("SimpleCrossAttnUpBlock2D",) * (levels - 1) + ("ResnetUpsampleBlock2D",),
-            mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-            cross_attention_dim=c.context_width,
-            attention_head_dim=c.head_width,  # these blocks read it as the head width
-            resnet_time_scale_shift="scale_shift",
-            class_embed_type="identity",
-        )
+        self.unet = UNet2DConditionModel(**karlo_unet_kwargs(c))
 
     def null_embedding(self) -> torch.Tensor:
         """What a dropped CLIP embedding becomes: the text projection's learned vector."""
@@ -239,7 +243,7 @@ class Upsampler(nn.Module):
                     "a published upsampler is a UNet2DModel reading the noisy and the upsampled image (6 channels in, "
                     "3 out) and nothing else (upsampler.dim 0)"
                 )
-            self.unet = UNet2DModel(**{k: v for k, v in c.unet.items() if not k.startswith("_")})
+            self.unet = UNet2DModel.from_config(c.unet)
         else:
             self.unet = UNet2DModel(
                 sample_size=c.image_size,

@@ -15,8 +15,9 @@ What cannot export, and why (each an error that says so):
   computes the right thing under them;
 - the pipeline needs the CLIP's image tower in transformers' ViT form: a ResNet tower (the default
   CLIP's) has none;
-- the decoder and upsamplers (Karlo's `UnCLIPPipeline`) need the decoder in Karlo's block layout with
-  its text projection and learned variance, which it does not yet have.
+- the decoder and upsamplers (Karlo's `UnCLIPPipeline`): the pipeline feeds its decoder raw CLIP vectors
+  and our decoders are trained on unit ones (and the demo's default decoder is not yet in Karlo's layout,
+  `decoder.layout: karlo`), so they are not exported yet.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def export_prior_pipeline(prior_dir: str | Path, out: str | Path) -> Path:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
-    from embeddings.hf_clip import to_transformers_text, to_transformers_vision, write_tokenizer
+    from embeddings.hf_clip import check_tokenizer, to_transformers_text, to_transformers_vision, write_tokenizer
     from training.export import load_prior
     from training.published import save_prior_diffusers
 
@@ -46,6 +47,10 @@ def export_prior_pipeline(prior_dir: str | Path, out: str | Path) -> Path:
             "A prior fine-tuned from published weights (init_from) reads raw vectors and exports"
         )
     model = sampler.text.encoder().model
+    try:
+        check_tokenizer(sampler.text.encoder())
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     context = int(model.positional_embedding.shape[0])
     if not config.text_token_width or config.max_text_tokens != context:
         raise ConfigError(
@@ -86,7 +91,7 @@ def export_diffusers(models: str | Path, out: str | Path) -> list[str]:
     lines = [f"prior → {out}/ (KandinskyV22PriorPipeline.from_pretrained('{out}'))"]
     if (models / "decoder" / "config.json").is_file():
         lines.append(
-            "decoder, upsampler: not exported: UnCLIPPipeline needs the decoder in Karlo's layout (text projection, "
-            "learned variance), which ours does not have yet"
+            "decoder, upsampler: not exported: UnCLIPPipeline feeds its decoder raw CLIP vectors, and ours are trained "
+            "on unit ones"
         )
     return lines

@@ -126,22 +126,31 @@ def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tens
     return values.to(like.device, torch.float64)[t].float().view(-1, *([1] * (like.dim() - 1)))
 
 
-def posterior(schedule: DDPMScheduler, x_0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-    """Mean and clipped log variance of q(x_{t-1} | x_t, x_0) (log β̃_1 stands in at t = 0, where β̃_0 = 0)."""
+def _schedule_terms(schedule: DDPMScheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ᾱ_t, ᾱ_{t-1}, β_t) of every step, in float64."""
     abar = schedule.alphas_cumprod.double()
-    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-    betas = schedule.betas.double()
+    return abar, torch.cat([abar.new_ones(1), abar[:-1]]), schedule.betas.double()
+
+
+def posterior_log_variance(schedule: DDPMScheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """log β̃_t of q(x_{t-1} | x_t, x_0), clipped: log β̃_1 stands in at t = 0, where β̃_0 = 0."""
+    abar, abar_prev, betas = _schedule_terms(schedule)
     variance = betas * (1 - abar_prev) / (1 - abar)
-    log_variance = torch.log(torch.cat([variance[1:2], variance[1:]]))
+    return _at(torch.log(torch.cat([variance[1:2], variance[1:]])), t, like)
+
+
+def posterior(schedule: DDPMScheduler, x_0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    """Mean and clipped log variance of q(x_{t-1} | x_t, x_0)."""
+    abar, abar_prev, betas = _schedule_terms(schedule)
     coef_0 = betas * abar_prev.sqrt() / (1 - abar)
     coef_t = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
     mean = _at(coef_0, t, x_t) * x_0 + _at(coef_t, t, x_t) * x_t
-    return mean, _at(log_variance, t, x_t)
+    return mean, posterior_log_variance(schedule, t, x_t)
 
 
 def model_log_variance(schedule: DDPMScheduler, values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The reverse step's log variance from the network's values v ∈ [-1, 1]: between log β̃_t and log β_t."""
-    _, min_log = posterior(schedule, values, values, t)
+    min_log = posterior_log_variance(schedule, t, values)
     max_log = _at(torch.log(schedule.betas.double()), t, values)
     frac = (values + 1) / 2
     return frac * max_log + (1 - frac) * min_log
@@ -192,14 +201,11 @@ def unclip_sample(
     noise: torch.Tensor,
     steps: int,
     generators: list[torch.Generator],
-    learned_variance: bool = True,
 ) -> torch.Tensor:
-    """Ancestral sampling of an ε-predicting image model as Karlo samples it (diffusers' UnCLIPScheduler: steps
-    spread over [999, 0], the learned or the fixed small variance, x̂_0 clipped to [-1, 1]); row i's fresh noise
-    comes from generators[i], so a sample does not depend on its batch."""
-    scheduler = UnCLIPScheduler(
-        variance_type="learned_range" if learned_variance else "fixed_small_log", prediction_type="epsilon"
-    )
+    """Ancestral sampling of a model that predicts ε and its variance (6 channels), as Karlo samples its decoder
+    (diffusers' UnCLIPScheduler: steps spread over [999, 0], the learned variance, x̂_0 clipped to [-1, 1]); row
+    i's fresh noise comes from generators[i], so a sample does not depend on its batch."""
+    scheduler = UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon")
     scheduler.set_timesteps(steps, device=noise.device)
     x, timesteps = noise, scheduler.timesteps
     with torch.no_grad():

@@ -119,7 +119,8 @@ class PriorModule(DiffusionModule):
     def sample_rows(self, batch: dict) -> np.ndarray:
         """Predicted unit image embeddings (B, D) for a batch of val pairs, sampled with the EMA network."""
         z_t = batch["z_t"].to(self.device).float()
-        return self.sampler.sample(z_t, batch["caption"], [int(i) for i in batch["index"]]).cpu().numpy()
+        seeds = [int(i) for i in batch["index"]]
+        return self.sampler.sample(z_t, batch["caption"], seeds, norms=batch.get("text_norm")).cpu().numpy()
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 
 from embeddings import store
+from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
 from training.export import save_export
 from training.data import embedding_shards
@@ -44,7 +45,7 @@ def report_statistics(net, rows: list[dict]) -> None:
     if not 0.5 < spread < 2.0:
         print(
             "warning: the published prior's clip statistics do not describe these embeddings: were they made with "
-            "the prior's own CLIP (Karlo: OpenAI ViT-L/14; Kandinsky 2.2: ViT-bigG-14 laion2b_s39b_b160k)?"
+            "the prior's own CLIP (Karlo: OpenAI ViT-L/14, open_clip's ViT-L-14-quickgelu; Kandinsky 2.2: ViT-bigG-14 laion2b_s39b_b160k)?"
         )
 
 
@@ -59,6 +60,14 @@ def train_prior(**settings) -> dict:
     load_clip(clip)  # a dropped caption is the CLIP's encoding of "": fail before training if it cannot load
     hp = parts["module"]
     prior = checked_prior_sizes(hp["init_from"], hp["prior"]) if hp["init_from"] else dict(hp["prior"] or {})
+    if hp["init_from"] and prior["text_token_width"] and hp["text_tokens"] != "clip":
+        raise ConfigError(
+            f"the prior at init_from {hp['init_from']} reads per-token text encodings: set text_tokens: clip"
+        )
+    if not hp["init_from"] and prior.get("clip_space", "unit") != "unit":
+        raise ConfigError(
+            "prior.clip_space raw is for published priors, whose clip_mean/clip_std describe raw vectors: use init_from"
+        )
     prior = fit_text_tokens(check_dim("prior", prior, manifest), hp["text_tokens"], clip, "prior")
     raw = PriorConfig(**prior).clip_space == "raw"
     name = run.name or layout.root.name

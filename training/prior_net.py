@@ -26,8 +26,9 @@ CLIP_SPACES = ("unit", "raw")
 
 @dataclass
 class PriorConfig:
-    """Sizes of the prior; named sizes live in configs/prior/*.yaml. The last four are the layout switches
-    of published priors (Karlo: the defaults; Kandinsky 2.2: gelu and two layer norms) and their space."""
+    """Sizes of the prior; named sizes live in configs/prior/*.yaml. Then PriorTransformer's layout switches
+    (its defaults are Karlo's; a published folder's config.json sets them, training/published.py) and the
+    space of the vectors it reads."""
 
     dim: int = 768  # CLIP embedding dim D
     width: int = 768

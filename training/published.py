@@ -13,6 +13,7 @@ trains and samples in raw space (`clip_space: raw`): the shards' unit vectors ti
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -21,8 +22,6 @@ import torch
 from embeddings.config import ConfigError
 
 WEIGHTS = "diffusion_pytorch_model"
-# The PriorTransformer switches this code builds as published priors have them; any other value is refused.
-FIXED = {"additional_embeddings": 4, "added_emb_type": "prd"}
 
 
 def prior_folder(path: str | Path) -> Path:
@@ -53,11 +52,12 @@ def prior_sizes(config: dict, where: str = "init_from") -> dict:
     """PriorConfig fields of a PriorTransformer config (diffusers' defaults for keys older folders omit)."""
     from diffusers import PriorTransformer
 
-    from training.prior_net import PriorConfig
+    from training.prior_net import PriorConfig, transformer_kwargs
 
     defaults = {k: v.default for k, v in _signature(PriorTransformer.__init__).items()}
     c = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
-    for key, value in FIXED.items():
+    built = transformer_kwargs(PriorConfig())
+    for key, value in ((k, built[k]) for k in ("additional_embeddings", "added_emb_type")):
         if c[key] != value:
             raise ConfigError(f"{where}: {key} = {c[key]!r}; this code builds priors with {value!r}")
     dim, width = c["embedding_dim"], c["num_attention_heads"] * c["attention_head_dim"]
@@ -100,8 +100,6 @@ def checked_prior_sizes(path: str | Path, configured: dict | None) -> dict:
 
 
 def _signature(fn) -> dict:
-    import inspect
-
     return {n: p for n, p in inspect.signature(fn).parameters.items() if n != "self"}
 
 
@@ -156,41 +154,25 @@ def load_published_prior(net: torch.nn.Module, path: str | Path) -> None:
     load_strict(net.transformer, read_weights(folder), f"init_from {folder}")
 
 
-KARLO_DECODER = {
-    "in_channels": 3,
-    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
-    "resnet_time_scale_shift": "scale_shift",
-    "class_embed_type": "identity",
-}
-
-
 def decoder_sizes(path: str | Path) -> dict:
-    """DecoderConfig fields (layout karlo) of a Karlo pipeline folder's decoder/ and text_proj/; a decoder whose
-    blocks or conditioning differ from Karlo's is refused, naming the switch."""
+    """DecoderConfig fields (layout karlo) of a Karlo pipeline folder's decoder/ and text_proj/. Every key of the
+    decoder's config.json must be what Karlo's layout (decoder_net.karlo_unet_kwargs) builds at those sizes, or
+    diffusers' default where the layout says nothing: a switch that differs is refused by name (weights alone
+    cannot show it)."""
+    from diffusers import UNet2DConditionModel
+
+    from training.decoder_net import DecoderConfig, karlo_unet_kwargs
+
     path = Path(path)
-    where = f"{path}/decoder"
+    for part in ("decoder", "text_proj"):
+        if not (path / part / "config.json").is_file():
+            raise ConfigError(f"{path}: no {part}/config.json (Karlo's layout has decoder/ and text_proj/)")
     unet = json.loads((path / "decoder" / "config.json").read_text())
     proj = json.loads((path / "text_proj" / "config.json").read_text())
-    levels = len(unet["block_out_channels"])
-    expected = dict(
-        KARLO_DECODER,
-        down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (levels - 1),
-        up_block_types=["SimpleCrossAttnUpBlock2D"] * (levels - 1) + ["ResnetUpsampleBlock2D"],
-    )
-    for key, value in expected.items():
-        if (list(unet[key]) if isinstance(unet.get(key), (list, tuple)) else unet.get(key)) != value:
-            raise ConfigError(f"{where}: {key} = {unet.get(key)!r}, not Karlo's {value!r}")
-    head = unet["attention_head_dim"]
+    head = unet.get("attention_head_dim")
     if not isinstance(head, int):
-        raise ConfigError(f"{where}: attention_head_dim {head!r} per block; this code builds one head width")
-    if (
-        proj["time_embed_dim"] != 4 * unet["block_out_channels"][0]
-        or proj["cross_attention_dim"] != unet["cross_attention_dim"]
-    ):
-        raise ConfigError(f"{path}/text_proj: its widths do not fit the decoder's")
-    from training.decoder_net import DecoderConfig
-
-    return DecoderConfig(
+        raise ConfigError(f"{path}/decoder: attention_head_dim {head!r} per block; this code builds one head width")
+    sizes = DecoderConfig(
         image_size=unet["sample_size"],
         dim=proj["clip_embeddings_dim"],
         channels=list(unet["block_out_channels"]),
@@ -201,8 +183,17 @@ def decoder_sizes(path: str | Path) -> dict:
         text_token_width=proj["clip_embeddings_dim"],
         norm_groups=unet["norm_num_groups"],
         layout="karlo",
-        learned_variance=unet["out_channels"] == 6,
-    ).to_dict()
+        learned_variance=unet.get("out_channels") == 6,
+    )
+    expected = {k: v.default for k, v in _signature(UNet2DConditionModel.__init__).items()}
+    expected.update(karlo_unet_kwargs(sizes))
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    for key, value in unet.items():
+        if not key.startswith("_") and key in expected and plain(value) != plain(expected[key]):
+            raise ConfigError(f"{path}/decoder: {key} = {value!r}, where Karlo's layout has {expected[key]!r}")
+    if proj.get("time_embed_dim") != 4 * sizes.channels[0] or proj.get("cross_attention_dim") != sizes.context_width:
+        raise ConfigError(f"{path}/text_proj: its widths do not fit the decoder's")
+    return sizes.to_dict()
 
 
 def load_published_decoder(net: torch.nn.Module, path: str | Path) -> None:
@@ -230,7 +221,13 @@ def upsampler_sizes(path: str | Path, configured: dict | None = None) -> dict:
     unet = json.loads((folder / "config.json").read_text())
     if unet.get("_class_name") != "UNet2DModel":
         raise ConfigError(f"init_from {folder}: a {unet.get('_class_name')!r}, not a UNet2DModel")
-    sizes = {"image_size": unet["sample_size"], "unet": {k: v for k, v in unet.items() if not k.startswith("_")}}
+    sizes = {
+        "image_size": unet["sample_size"],
+        "channels": list(unet["block_out_channels"]),
+        "layers_per_block": unet["layers_per_block"],
+        "norm_groups": unet["norm_num_groups"],
+        "unet": {k: v for k, v in unet.items() if not k.startswith("_")},
+    }
     for key, value in (configured or {}).items():
         if key == "factor":
             sizes[key] = value

@@ -31,7 +31,8 @@ class PriorSampling:
 
 @dataclass
 class DecoderSampling:
-    """How the decoder samples: DDIM steps, eta (1: fresh noise at every step), guidance scale."""
+    """How the decoder samples: steps, eta (DDIM's; 1: fresh noise at every step; a decoder with a learned
+    variance samples ancestrally with it and ignores eta), guidance scale."""
 
     steps: int = 100
     eta: float = 1.0
@@ -76,10 +77,12 @@ class PriorSampler:
         steps: int | None = None,
         guidance_scale: float | None = None,
         candidates: int | None = None,
+        norms: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """N unit image-embedding candidates per caption (B, N, D) for unit text embeddings z_t (B, D) of
         `captions`: DDIM from the starting noise of each seed (N draws of its stream), in the prior's space (a
-        prior in raw CLIP space reads z_t scaled by the norm of its caption's raw embedding)."""
+        prior in raw CLIP space reads z_t × `norms` (B,), the raw text embeddings' norms: the shards' text_norm
+        column, or, not given, the norms of the captions as the CLIP encodes them)."""
         s = self.sampling
         n = candidates or s.candidates
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
@@ -88,7 +91,7 @@ class PriorSampler:
         b, d = z_t.shape
         raw = self.config.clip_space == "raw"
         if raw:
-            z_t = z_t * self.text.norms(captions, device)[:, None]
+            z_t = z_t * (self.text.norms(captions, device) if norms is None else norms.to(device).float())[:, None]
         cond = Caption(z_t, *self.text.tokens(list(captions), device))
         if scale != 1.0:  # the unconditional half: every caption dropped
             empty = self.text.empty(device, raw=raw)
