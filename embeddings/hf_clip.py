@@ -172,10 +172,11 @@ def vision_state(model) -> dict[str, torch.Tensor]:
 
 
 def _load(hf, state: dict, where: str):
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer transformers builds itself
-    if missing or unexpected:
-        raise ValueError(f"{where} conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """`hf` with `state` loaded strictly (every tensor named by the conversion, each one used), in eval mode."""
+    try:
+        hf.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{where} conversion: {err}") from err
     return hf.eval()
 
 

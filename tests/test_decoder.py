@@ -403,25 +403,28 @@ def test_an_upsampler_of_another_clip_is_refused(trained, tmp_path):
         UnCLIP.load(tmp_path)
 
 
+def _train_tiny(train, config_path, tiny_embed, tmp_path, **overrides) -> RecordBatches:
+    """A short run of `train` (train_decoder or train_upsampler) on the tiny data, fp32, no validation, its
+    export under tmp_path/models; returns the recorded batches and losses."""
+    config, _ = tiny_embed
+    load = load_decoder_config if train is train_decoder else load_upsampler_config
+    settings = dict(load(REPO / config_path), data_root=config.data_root)
+    run = dict(
+        val_every=1000,
+        precision="32-true",
+        models_root=str(tmp_path / "models"),
+        outputs_root=str(tmp_path / "outputs"),
+    )
+    record = RecordBatches()
+    _with_callback(record, lambda: train(**{**settings, **run, **overrides}))
+    return record
+
+
 def test_tiny_decoder_trains_with_clip_text_tokens(tiny_embed, tmp_path):
     """text_tokens: clip (the full-size configs' setting) on the CPU: per-token encodings from the frozen
     CLIP, their width taken from it, a few steps, an export that samples with and without captions."""
-    config, _ = tiny_embed
-    settings = dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), data_root=config.data_root)
-    record = RecordBatches()
-    _with_callback(
-        record,
-        lambda: train_decoder(
-            **dict(
-                settings,
-                text_tokens="clip",
-                max_steps=3,
-                val_every=1000,
-                precision="32-true",
-                models_root=str(tmp_path / "models"),
-                outputs_root=str(tmp_path / "outputs"),
-            )
-        ),
+    record = _train_tiny(
+        train_decoder, "configs/decoder/tiny.yaml", tiny_embed, tmp_path, text_tokens="clip", max_steps=3
     )
     assert len(record.losses) == 3 and all(math.isfinite(loss) for loss in record.losses)
     decoder = load_decoder(tmp_path / "models" / "tiny" / "decoder")
@@ -451,24 +454,18 @@ def test_tiny_karlo_layout_decoder_with_learned_variance_trains_exports_and_samp
     """decoder.layout karlo with a learned variance (ε + variance values, the hybrid loss): a few steps train,
     the export loads as that layout and samples with guidance (ancestral steps with the learned variance),
     seeded; a dropped z is the text projection's learned null embedding."""
-    config, _ = tiny_embed
-    settings = dict(load_decoder_config(REPO / "configs/decoder/tiny.yaml"), data_root=config.data_root)
-    settings["decoder"] = dict(settings["decoder"], layout="karlo", learned_variance=True)
-    record = RecordBatches()
-    _with_callback(
-        record,
-        lambda: train_decoder(
-            **dict(
-                settings,
-                text_tokens="clip",
-                prediction_type="epsilon",
-                max_steps=6,
-                val_every=1000,
-                precision="32-true",
-                models_root=str(tmp_path / "models"),
-                outputs_root=str(tmp_path / "outputs"),
-            )
-        ),
+    sizes = dict(
+        load_decoder_config(REPO / "configs/decoder/tiny.yaml")["decoder"], layout="karlo", learned_variance=True
+    )
+    record = _train_tiny(
+        train_decoder,
+        "configs/decoder/tiny.yaml",
+        tiny_embed,
+        tmp_path,
+        decoder=sizes,
+        text_tokens="clip",
+        prediction_type="epsilon",
+        max_steps=6,
     )
     assert len(record.losses) == 6 and all(math.isfinite(loss) for loss in record.losses)
     decoder = load_decoder(tmp_path / "models" / "tiny" / "decoder")
@@ -499,25 +496,16 @@ def test_an_upsampler_fine_tunes_from_a_karlo_folder_and_exports(tiny_embed, tmp
     sizes come from its super_res_first, a few ε steps train, the export loads and samples."""
     from .diffusers_tiny import tiny_unclip_pipeline
 
-    config, _ = tiny_embed
     tiny_unclip_pipeline(tmp_path / "karlo").save_pretrained(tmp_path / "karlo" / "saved")
-    settings = dict(load_upsampler_config(REPO / "configs/decoder/upsampler-tiny.yaml"), data_root=config.data_root)
-    record = RecordBatches()
-    _with_callback(
-        record,
-        lambda: train_upsampler(
-            **dict(
-                settings,
-                upsampler={"factor": 4},
-                init_from=str(tmp_path / "karlo" / "saved"),
-                prediction_type="epsilon",
-                max_steps=3,
-                val_every=1000,
-                precision="32-true",
-                models_root=str(tmp_path / "models"),
-                outputs_root=str(tmp_path / "outputs"),
-            )
-        ),
+    record = _train_tiny(
+        train_upsampler,
+        "configs/decoder/upsampler-tiny.yaml",
+        tiny_embed,
+        tmp_path,
+        upsampler={"factor": 4},
+        init_from=str(tmp_path / "karlo" / "saved"),
+        prediction_type="epsilon",
+        max_steps=3,
     )
     assert len(record.losses) == 3 and all(math.isfinite(loss) for loss in record.losses)
     upsampler = load_upsampler(tmp_path / "models" / "tiny" / "upsampler")
