@@ -154,7 +154,7 @@ class DecoderModule(ImageDiffusionModule):
         caption = Caption(z_t, *self.text.tokens(batch["caption"], self.device))
         if caption.tokens is not None:
             caption = drop_caption(caption, drop_text, self.text.empty(self.device))
-        output = net(x_t, t, z, caption.tokens, caption.mask, **({"z_t": caption.z_t} if z_t is not None else {}))
+        output = net(x_t, t, z, caption.tokens, caption.mask, z_t=caption.z_t)
         if not self.config.learned_variance:
             return F.mse_loss(output, target)
         eps, values = output.float().chunk(2, dim=1)

@@ -86,7 +86,7 @@ def build_decoder(config: DecoderConfig) -> nn.Module:
 class Decoder(nn.Module):
     """ε = decoder(x_t, t, z, text_tokens, token_mask)."""
 
-    reads_text_embedding = False  # the caller passes z_t only to decoders that read it
+    reads_text_embedding = False  # callers encode z_t only for decoders that read it
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -124,8 +124,10 @@ class Decoder(nn.Module):
         z: torch.Tensor,
         text_tokens: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        z_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_t: (B, 3, H, W); t: (B,); z: (B, D) unit (or zero); text_tokens (B, T, W); token_mask (B, T) True = real."""
+        """x_t: (B, 3, H, W); t: (B,); z: (B, D) unit (or zero); text_tokens (B, T, W); token_mask (B, T) True = real.
+        z_t is not read (this layout conditions on z and the tokens only; the caller need not pass it)."""
         b = x_t.shape[0]
         z = z * self.scale
         context = self.to_context(z).view(b, self.config.context_tokens, self.config.context_width)

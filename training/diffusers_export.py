@@ -40,7 +40,7 @@ def export_prior_pipeline(prior_dir: str | Path, out: str | Path) -> Path:
     prior_dir, out = Path(prior_dir), Path(out)
     sampler = load_prior(prior_dir)
     config = sampler.config
-    if config.clip_space != "raw":
+    if not config.raw:
         raise ConfigError(
             f"the prior in {prior_dir} was trained from scratch on unit CLIP vectors; diffusers' prior pipelines "
             "feed it raw text embeddings and read raw image embeddings, so it would sample from the wrong inputs. "

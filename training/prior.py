@@ -73,7 +73,7 @@ class PriorModule(DiffusionModule):
         """(z_i, z_t) of a batch as the prior reads them: unit vectors, or raw ones (unit × norm) for a prior in
         raw CLIP space."""
         z_i, z_t = batch["z_i"].float(), batch["z_t"].float()
-        if self.config.clip_space == "raw":
+        if self.config.raw:
             z_i, z_t = z_i * batch["image_norm"][:, None].to(z_i), z_t * batch["text_norm"][:, None].to(z_t)
         return z_i, z_t
 
@@ -84,7 +84,7 @@ class PriorModule(DiffusionModule):
         noise = torch.randn(x_0.shape, generator=generator, device=x_0.device)
         x_t = self.schedule.add_noise(x_0, noise, t)
         drop = torch.rand(x_0.shape[0], generator=generator, device=x_0.device) < self.hparams.cond_drop_prob
-        empty = self.text.empty(self.device, raw=self.config.clip_space == "raw")
+        empty = self.text.empty(self.device, raw=self.config.raw)
         c = drop_caption(caption, drop, empty)
         return F.mse_loss(self.net(x_t, t, c.z_t, c.tokens, c.mask), x_0)
 

@@ -69,7 +69,7 @@ def train_prior(**settings) -> dict:
             "prior.clip_space raw is for published priors, whose clip_mean/clip_std describe raw vectors: use init_from"
         )
     prior = fit_text_tokens(check_dim("prior", prior, manifest), hp["text_tokens"], clip, "prior")
-    raw = PriorConfig(**prior).clip_space == "raw"
+    raw = PriorConfig(**prior).raw
     name = run.name or layout.root.name
     run_dir = Path(run.outputs_root) / f"train-prior-{name}"
     L.seed_everything(hp["seed"], workers=True)

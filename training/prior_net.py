@@ -45,6 +45,11 @@ class PriorConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def raw(self) -> bool:
+        """Whether the prior reads raw CLIP vectors (unit × norm) rather than unit ones."""
+        return self.clip_space == "raw"
+
     def check(self) -> None:
         """Refuse sizes a PriorTransformer cannot hold, naming the key."""
         if self.width % self.heads:

@@ -89,7 +89,7 @@ class PriorSampler:
         device = _device(self.net)
         z_t = z_t.to(device).float()
         b, d = z_t.shape
-        raw = self.config.clip_space == "raw"
+        raw = self.config.raw
         if raw:
             z_t = z_t * (self.text.norms(captions, device) if norms is None else norms.to(device).float())[:, None]
         cond = Caption(z_t, *self.text.tokens(list(captions), device))
@@ -172,12 +172,11 @@ class DecoderSampler:
             z = torch.cat([z, drop_embedding(z, everything, self.net.null_embedding())])
             if caption.tokens is not None:
                 caption = caption.cat(drop_caption(caption, everything, self.text.empty(device)))
-        extra = {"z_t": caption.z_t} if self.net.reads_text_embedding else {}
 
         def denoise(x_t, t):
             if scale == 1.0:
-                return self.net(x_t, t, z, caption.tokens, caption.mask, **extra)
-            out = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), z, caption.tokens, caption.mask, **extra)
+                return self.net(x_t, t, z, caption.tokens, caption.mask, z_t=caption.z_t)
+            out = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), z, caption.tokens, caption.mask, z_t=caption.z_t)
             cond, uncond = out.chunk(2)
             if self.config.learned_variance:
                 (eps, values), (eps_uncond, _) = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)
