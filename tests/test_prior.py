@@ -241,3 +241,34 @@ def test_two_processes_validate_on_every_pair_as_one_process_does(lightning_ddp)
         assert rank["distributed"]["pairs"] == one["pairs"]
         for name, value in one.items():
             assert rank["distributed"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_a_raw_space_prior_from_scratch_takes_its_clip_statistics_from_the_train_split(prior_settings, tiny_embed):
+    """prior.clip_space raw without init_from (the default configs'): clip_mean / clip_std are the per-dimension
+    mean and std of the train split's raw image embeddings (unit × image_norm), exported with the weights; the
+    sampler gives unit vectors, or raw ones whose norms are the data's."""
+    from embeddings import store
+    from training.data import embedding_shards
+    from training.prior import raw_statistics
+
+    settings, root = prior_settings
+    config, _ = tiny_embed
+    raw = np.concatenate(
+        [
+            store.raw_vectors(store.read_shard(shard.path), "image_embedding")
+            for shard in embedding_shards(config.layout.embeddings, "train")
+        ]
+    )
+    mean, std = raw_statistics(config.layout.embeddings)
+    np.testing.assert_allclose(mean.numpy(), raw.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std.numpy(), raw.std(0, ddof=1), rtol=1e-4)
+    overrides = dict(prior=dict(settings["prior"], clip_space="raw"), text_tokens="clip", name="scratch-raw")
+    _run(settings, root, "scratch-raw", max_steps=3, val_every=1000, resume=None, **overrides)
+    sampler = load_prior(root / "models" / "scratch-raw" / "prior")
+    torch.testing.assert_close(sampler.net.transformer.clip_mean[0], mean)
+    torch.testing.assert_close(sampler.net.transformer.clip_std[0], std)
+    z_t = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+    unit = sampler.sample(z_t, ["a red circle", "a blue square"], [0, 1], steps=2)
+    raw_sample = sampler.sample(z_t, ["a red circle", "a blue square"], [0, 1], steps=2, raw=True)
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(raw_sample, dim=-1))
+    assert not torch.allclose(raw_sample.norm(dim=-1), torch.ones(2), atol=1e-3)  # denormalised, not unit

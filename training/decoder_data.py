@@ -97,7 +97,8 @@ def square_image(data: bytes, size: int) -> np.ndarray:
 
 
 def to_image_batch(rows: list[dict]) -> dict:
-    """Joined rows → images (B, 3, H, W) in [-1, 1], z_i and z_t (B, D), keys and captions."""
+    """Joined rows → images (B, 3, H, W) in [-1, 1], z_i and z_t (B, D) (unit, or raw where the rows were read
+    raw), keys and captions."""
     images = torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
     return {
         "image": images,
@@ -109,7 +110,9 @@ def to_image_batch(rows: list[dict]) -> dict:
 
 
 class ImageEmbeddingDataModule(StreamingDataModule):
-    """Train: the train split's joined samples, streamed. Val: the first `val_samples` joined val samples."""
+    """Train: the train split's joined samples, streamed. Val: the first `val_samples` joined val samples.
+    With `raw_norms` (a decoder in Karlo's layout) z_i and z_t are the raw CLIP vectors, unit × the norm columns
+    (shards without them are refused)."""
 
     collate_fn = staticmethod(to_image_batch)
 
@@ -125,9 +128,11 @@ class ImageEmbeddingDataModule(StreamingDataModule):
         shuffle_buffer: int = 2048,
         val_samples: int = 256,
         val_split: str = "val",
+        raw_norms: bool = False,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
         check_val_split(val_split)
+        self.raw_norms = raw_norms
         self.shards_dir, self.embeddings_dir, self.image_size = shards_dir, storage.as_path(embeddings_dir), image_size
         self.val_samples, self.val_split = val_samples, val_split
         self.reports: dict[str, JoinReport] = {}
@@ -142,9 +147,14 @@ class ImageEmbeddingDataModule(StreamingDataModule):
 
     def read(self, shard: Shard, start: int, stop: int) -> Iterator[dict]:
         """Joined samples start..stop-1 of a tar: its embedding row by key, the image decoded and squared."""
-        table = store.read_shard(self.embeddings_dir / f"{store.shard_name(shard.path)}.parquet", columns=COLUMNS)
+        path = self.embeddings_dir / f"{store.shard_name(shard.path)}.parquet"
+        columns = COLUMNS + list(store.NORM_COLUMNS.values()) if self.raw_norms else COLUMNS
+        table = store.read_shard(path, columns=columns)
         row_of = {k: i for i, k in enumerate(table.column("key").to_pylist())}
-        vectors = {c: store.arrow_to_vectors(table.column(c)) for c in store.EMBEDDING_COLUMNS}
+        vectors = {
+            c: store.raw_vectors(table, c, str(path)) if self.raw_norms else store.arrow_to_vectors(table.column(c))
+            for c in store.EMBEDDING_COLUMNS
+        }
         captions = table.column("caption").to_pylist()
         position = 0
         for sample in iter_tar_samples(shard.path):

@@ -6,15 +6,17 @@ projected into 4 extra context tokens that every cross-attention layer attends t
 with projected text token encodings when those are used. Cross-attention runs `channels // head_width`
 heads of width `head_width` at each level. The network knows nothing of dropped conditions: the
 caller passes the dropped z (`null_embedding()`) and the empty caption's tokens in their place
-(training/conditioning.py). Karlo's layout (`KarloDecoder`, `layout: karlo`) is described at its class.
+(training/conditioning.py). Karlo's layout (`KarloDecoder`, `layout: karlo`, the form that exports) is described at
+its class; it reads raw CLIP vectors (unit × the shards' norm columns), this one unit vectors.
 `z` is whatever vector the module conditions on: the CLIP image embedding for unCLIP, the CLIP text
 embedding for the GLIDE-like baseline (same network, same places).
 
-Upsampler: ε = upsampler(x_t, t, low), the low-resolution image upsampled (bicubic) to x_t's size
-and concatenated as 3 extra input channels; convolutional only, so it trains on random crops and
-samples whole images. The paper's upsamplers see only the low-resolution image; with `dim > 0` this
-one also adds the projected CLIP image embedding to its timestep embedding, so that where the base
-decoder drew a blob, the embedding can still say which shape it is.
+Upsampler: its prediction (ε, v or x_0) = upsampler(x_t, t, low), the low-resolution image upsampled (bicubic, as UnCLIPPipeline
+does) to x_t's size and concatenated as 3 extra input channels: a UNet2DModel as Karlo's
+super-resolution stages; convolutional only, so it trains on random crops and samples whole images.
+The paper's upsamplers see only the low-resolution image (the demo's, and the only kind that
+exports); with `dim > 0` this one also adds the projected CLIP image embedding to its timestep
+embedding, so that where the base decoder drew a blob, the embedding can still say which shape it is.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class DecoderConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def raw(self) -> bool:
+        """Whether the decoder reads raw CLIP vectors (unit × norm): Karlo's layout does, as UnCLIPPipeline feeds
+        them; the cross-attention layout reads unit vectors and scales them by √D itself."""
+        return self.layout == "karlo"
 
 
 @dataclass
@@ -172,7 +180,8 @@ class KarloDecoder(nn.Module):
     addition to the timestep embedding and `context_tokens` extra context tokens, placed before the
     projected, layer-normed text token encodings; the UNet has Karlo's blocks (ResNet up/downsampling,
     scale-shift time conditioning, the simple cross-attention that attends to the context and the image
-    at once) and `head_width`-wide heads. A dropped z is the text projection's learned null embedding.
+    at once) and `head_width`-wide heads. A dropped z is the text projection's learned null embedding. z and
+    z_t are raw CLIP vectors (unit × norm), as the pipeline passes them.
     Its two parts are diffusers' classes as UnCLIPPipeline loads them (`text_proj`, `unet`)."""
 
     reads_text_embedding = True
@@ -210,7 +219,7 @@ class KarloDecoder(nn.Module):
         token_mask: torch.Tensor | None = None,
         z_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_t (B, 3, H, W); t (B,); z, z_t (B, D); text_tokens (B, T, D); token_mask (B, T) True = real.
+        """x_t (B, 3, H, W); t (B,); z, z_t (B, D) raw; text_tokens (B, T, D); token_mask (B, T) True = real.
         Returns (B, 3, H, W) ε, or (B, 6, H, W) ε and the variance values."""
         if text_tokens is None or z_t is None:
             raise ValueError("Karlo's decoder reads the caption: pass text_tokens and z_t")
@@ -277,10 +286,11 @@ class Upsampler(nn.Module):
 
 
 def upsample(low: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic resize of a [-1, 1] image batch to size × size (the upsampler's conditioning input)."""
+    """Bicubic resize of a [-1, 1] image batch to size × size (the upsampler's conditioning input), the call
+    UnCLIPPipeline makes before its super-resolution UNets (antialiased kernel, not clamped)."""
     if low.shape[-1] == size:
         return low
-    return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
 
 
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -36,6 +36,12 @@ class UnCLIP:
         """`upsampler_embedding` False: an embedding-conditioned upsampler gets the zeroed embedding."""
         self.encoder, self.decoder, self.prior, self.upsampler = encoder, decoder, prior, upsampler
         self.upsampler_embedding = upsampler_embedding
+        self.raw = bool(decoder.config.raw)  # the decoder reads raw CLIP vectors (Karlo's layout)
+        if self.raw and prior is not None and not prior.config.raw:
+            raise ConfigError(
+                "the decoder reads raw CLIP vectors (Karlo's layout) and the prior gives unit ones (clip_space unit): "
+                "retrain the prior with prior.clip_space: raw"
+            )
 
     @classmethod
     def load(cls, folder: str | Path, decoder: str = "decoder", device: str = "cpu") -> UnCLIP:
@@ -73,11 +79,14 @@ class UnCLIP:
 
     # -- the two stages ---------------------------------------------------------------------------------
 
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return self.encoder.encode_texts(list(texts))
+    def embed_texts(self, texts: list[str], raw: bool = False) -> torch.Tensor:
+        """CLIP text embeddings (N, D): unit, or with `raw` the CLIP's raw vectors."""
+        unit, norms = self.encoder.encode_texts(list(texts), norms=True)
+        return unit * norms[:, None] if raw else unit
 
-    def embed_images(self, images: list) -> torch.Tensor:
-        """CLIP image embeddings (N, D) of image paths, bytes or (H, W, 3) uint8 arrays."""
+    def embed_images(self, images: list, raw: bool = False) -> torch.Tensor:
+        """CLIP image embeddings (N, D) of image paths, bytes or (H, W, 3) uint8 arrays: unit, or with `raw` the
+        CLIP's raw vectors."""
         from training.data import decode_image
 
         arrays = []
@@ -87,7 +96,8 @@ class UnCLIP:
                     raise FileNotFoundError(f"image not found: {image}")
                 image = Path(image).read_bytes()
             arrays.append(np.asarray(decode_image(image)) if isinstance(image, bytes) else np.asarray(image, np.uint8))
-        return self.encoder.encode_images(self.encoder.preprocess_on_device(arrays))
+        unit, norms = self.encoder.encode_images(self.encoder.preprocess_on_device(arrays), norms=True)
+        return unit * norms[:, None] if raw else unit
 
     def decode(
         self,
@@ -99,21 +109,27 @@ class UnCLIP:
         upsample: bool = True,
         upsampler_steps: int | None = None,
     ) -> np.ndarray:
-        """CLIP vectors (N, D) → uint8 images: the decoder, then the upsampler when there is one."""
+        """CLIP vectors (N, D) in the decoder's space (raw for Karlo's layout, `self.raw`) → uint8 images: the
+        decoder, then the upsampler when there is one."""
         images = self.decoder.sample(z, seeds, captions, steps=steps, guidance_scale=guidance_scale)
         if upsample and self.upsampler is not None:
-            # The upsampler reads the CLIP image embedding where it has one; a text-conditioned decoder
+            # The upsampler reads the unit CLIP image embedding where it has one; a text-conditioned decoder
             # (the baseline) has none, so its upsampler input is the zeroed embedding.
-            z_i = z if self.decoder.condition == "image" and self.upsampler_embedding else None
+            z_i = (
+                F.normalize(z.float(), dim=-1)
+                if self.decoder.condition == "image" and self.upsampler_embedding
+                else None
+            )
             images = self.upsampler.sample(images, seeds, z_i, steps=upsampler_steps)
         return to_uint8(images)
 
     def prior_embeddings(
         self, prompts: list[str], seeds: list[int], prior_guidance: float | None = None
     ) -> torch.Tensor:
+        """The prior's image embeddings (N, D) for prompts, in the decoder's space."""
         if self.prior is None:
             raise FileNotFoundError("no prior in the model folder: run `make train-prior` first")
-        return self.prior.sample(self.embed_texts(prompts), prompts, seeds, guidance_scale=prior_guidance)
+        return self.prior.sample(self.embed_texts(prompts), prompts, seeds, guidance_scale=prior_guidance, raw=self.raw)
 
     # -- the four uses ----------------------------------------------------------------------------------
 
@@ -126,20 +142,23 @@ class UnCLIP:
         prompts = [p for p in prompts for _ in range(n)]
         seeds = [seed + i for i in range(len(prompts))]
         if self.decoder.condition == "text":
-            z = self.embed_texts(prompts)
+            z = self.embed_texts(prompts, raw=self.raw)
         else:
             z = self.prior_embeddings(prompts, seeds, prior_guidance)
         return self.decode(z, seeds, prompts, **decode)
 
     def variations(self, image, n: int = 8, seed: int = 0, **decode) -> np.ndarray:
         """n decodings of one image's CLIP embedding, each from fresh noise."""
-        z = self.embed_images([image]).repeat(n, 1)
+        z = self.embed_images([image], raw=self.raw).repeat(n, 1)
         return self.decode(z, [seed + i for i in range(n)], **decode)
 
     def interpolate(self, a, b, n: int = 8, seed: int = 0, **decode) -> np.ndarray:
         """Decodings of slerp(z_a, z_b, θ) for θ from 0 to 1 in n steps, all from the noise of `seed`."""
-        z_a, z_b = self.embed_images([a, b])
-        z = slerp(z_a, z_b, torch.linspace(0, 1, n))
+        z_a, z_b = self.embed_images([a, b], raw=self.raw)
+        theta = torch.linspace(0, 1, n)
+        z = slerp(z_a, z_b, theta)
+        if self.raw:  # the direction slerped, the norm interpolated linearly
+            z = z * torch.lerp(z_a.norm(), z_b.norm(), theta)[:, None]
         return self.decode(z, [seed] * n, **decode)
 
     def textdiff(
@@ -147,10 +166,12 @@ class UnCLIP:
     ) -> np.ndarray:
         """Decodings of the image embedding rotated towards the text diff z_d = norm(z_t(to) − z_t(from)):
         slerp(z_i, z_d, θ) for θ from 0 to max_theta, all from the noise of `seed`."""
-        z_i = self.embed_images([image])[0]
+        z_i = self.embed_images([image], raw=self.raw)[0]
         z_from, z_to = self.embed_texts([from_text, to_text])
         z_d = F.normalize(z_to - z_from, dim=-1)
         z = slerp(z_i, z_d, torch.linspace(0, max_theta, n))
+        if self.raw:  # rotated, keeping the image embedding's norm
+            z = z * z_i.norm()
         return self.decode(z, [seed] * n, **decode)
 
 

@@ -3,8 +3,10 @@
 The LightningModule holds the loss (MSE on x_0, the image embedding in the prior's normalised space:
 √D·z_i for priors trained from scratch, unCLIP §2.2), classifier-free dropout of the caption (10%: the
 empty caption in its place, training/conditioning.py), AdamW, and an EMA copy of the network used for
-evaluation, sampling and export. `init_from` starts from published weights (training/published.py);
-such a prior reads raw CLIP vectors (unit × the norm columns of the shards). Sampling is training/samplers.py's
+evaluation, sampling and export. `init_from` starts from published weights (training/published.py).
+A prior in raw CLIP space (`clip_space: raw`, the exportable configs' and every published prior's) reads
+unit × the norm columns of the shards; from scratch, its clip_mean / clip_std are measured on the
+train split (`raw_statistics`). Sampling is training/samplers.py's
 PriorSampler: DDIM with few steps, guidance, best-of-N by dot product with z_t.
 """
 
@@ -63,6 +65,11 @@ class PriorModule(DiffusionModule):
         self.sampler = PriorSampler(self.ema, self.text, sampling)
         self.metrics: dict = {}
         self._val: list[dict] = []
+
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """clip_mean / clip_std (D,) of the training data, in the network and its EMA copy."""
+        for net in (self.net, self.ema):
+            net.set_statistics(mean, std)
 
     def caption(self, z_t: torch.Tensor, captions: list[str]) -> Caption:
         """The caption condition of a batch: z_t (in the prior's space) and, with text tokens, their encodings
@@ -170,6 +177,27 @@ def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scen
         if same is not None:
             metrics[f"r_at_1_distinct_{name}"] = float(np.mean((above & ~same).sum(1) < 1))
     return metrics
+
+
+STATISTICS_ROWS = 100_000  # rows of the train split that clip_mean / clip_std are measured on
+
+
+def raw_statistics(embeddings_dir, rows: int = STATISTICS_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (D,) of the raw image embeddings (unit × image_norm) of the first `rows` train
+    pairs, in shard order: the clip_mean / clip_std of a prior trained from scratch in raw CLIP space (what
+    Karlo's and Kandinsky's carry for their CLIPs). The same shards give the same figures on every rank."""
+    total, sums, squares = 0, 0.0, 0.0
+    for shard in embedding_shards(embeddings_dir, "train"):
+        table = store.read_shard(shard.path, columns=["image_embedding", "image_norm"])
+        z = store.raw_vectors(table.slice(0, rows - total), "image_embedding", str(shard.path)).astype(np.float64)
+        total, sums, squares = total + len(z), sums + z.sum(0), squares + (z**2).sum(0)
+        if total >= rows:
+            break
+    if total < 2:
+        raise ValueError(f"{embeddings_dir}: too few train pairs ({total}) to measure the prior's clip statistics")
+    mean = sums / total
+    std = np.sqrt(np.maximum(squares / total - mean**2, 0) * total / (total - 1))
+    return torch.from_numpy(mean).float(), torch.from_numpy(np.maximum(std, 1e-6)).float()
 
 
 def to_batch(rows: list[dict]) -> dict:

@@ -17,7 +17,7 @@ from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
 from training.export import save_export
 from training.data import embedding_shards
-from training.prior import PriorDataModule, PriorModule, to_batch
+from training.prior import PriorDataModule, PriorModule, raw_statistics, to_batch
 from training.prior_net import PriorConfig
 from training.published import checked_prior_sizes, statistics_fit
 from training.samplers import PriorSampling
@@ -64,10 +64,6 @@ def train_prior(**settings) -> dict:
         raise ConfigError(
             f"the prior at init_from {hp['init_from']} reads per-token text encodings: set text_tokens: clip"
         )
-    if not hp["init_from"] and prior.get("clip_space", "unit") != "unit":
-        raise ConfigError(
-            "prior.clip_space raw is for published priors, whose clip_mean/clip_std describe raw vectors: use init_from"
-        )
     prior = fit_text_tokens(check_dim("prior", prior, manifest), hp["text_tokens"], clip, "prior")
     raw = PriorConfig(**prior).raw
     name = run.name or layout.root.name
@@ -81,6 +77,8 @@ def train_prior(**settings) -> dict:
             store.require_norms(store.shard_file(shard.path).schema_arrow.names, str(shard.path))
     if hp["init_from"]:
         report_statistics(module.net, datamodule.val_rows())
+    elif raw:  # from scratch in raw CLIP space: the data's own statistics (a resumed run restores the same)
+        module.set_statistics(*raw_statistics(layout.embeddings))
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     if not trainer.is_global_zero:

@@ -3,9 +3,11 @@
 A causal transformer over, in order: [text token encodings (optional, T = `max_text_tokens`), z_t, the
 timestep embedding, x_t (the noised image embedding), the `prd` query token]; the output at the query
 is x_0, the clean image embedding, in the prior's normalised space x = (z − clip_mean) / clip_std.
-Priors trained here from scratch read unit vectors with clip_mean 0 and clip_std 1/√D (so x_0 = √D·z_i,
-per-dimension variance ~1); published priors carry the statistics of raw CLIP vectors and read raw
-vectors (`clip_space: raw`, see training/published.py). Padding tokens are masked out of attention.
+With `clip_space: raw` the prior reads raw CLIP vectors (unit × the shards' norm columns), as Karlo's
+and Kandinsky 2.2's do and as diffusers' pipelines feed them: published priors carry their
+clip_mean / clip_std (training/published.py); from scratch they are the per-dimension mean and std of
+the training data's raw image embeddings (`set_statistics`). With `clip_space: unit` it reads unit
+vectors with clip_mean 0 and clip_std 1/√D (so x_0 = √D·z_i, per-dimension variance ~1). Padding tokens are masked out of attention.
 The network knows nothing of dropped captions: the caller passes the empty caption's encodings in
 their place (training/conditioning.py).
 
@@ -40,7 +42,7 @@ class PriorConfig:
     time_embed_act_fn: str = "silu"
     norm_in_type: str | None = None
     embedding_proj_norm_type: str | None = None
-    clip_space: str = "unit"  # unit: reads unit vectors (clip_std 1/√D); raw: raw CLIP vectors (published)
+    clip_space: str = "unit"  # unit: reads unit vectors (clip_std 1/√D); raw: raw CLIP vectors (what exports)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +103,12 @@ class DiffusionPrior(nn.Module):
             t.clip_std.fill_(config.dim**-0.5)
         t.clip_mean.requires_grad_(False)  # statistics of the data, not weights to train
         t.clip_std.requires_grad_(False)
+
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set clip_mean / clip_std (D,) from data (a raw-space prior trained from scratch)."""
+        with torch.no_grad():
+            self.transformer.clip_mean.copy_(mean.reshape(self.transformer.clip_mean.shape))
+            self.transformer.clip_std.copy_(std.reshape(self.transformer.clip_std.shape))
 
     def normalise(self, z: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings → the space the diffusion runs in: (z − clip_mean) / clip_std."""

@@ -78,23 +78,26 @@ class PriorSampler:
         guidance_scale: float | None = None,
         candidates: int | None = None,
         norms: torch.Tensor | None = None,
+        raw: bool = False,
     ) -> torch.Tensor:
-        """N unit image-embedding candidates per caption (B, N, D) for unit text embeddings z_t (B, D) of
-        `captions`: DDIM from the starting noise of each seed (N draws of its stream), in the prior's space (a
-        prior in raw CLIP space reads z_t × `norms` (B,), the raw text embeddings' norms: the shards' text_norm
-        column, or, not given, the norms of the captions as the CLIP encodes them)."""
+        """N image-embedding candidates per caption (B, N, D) for unit text embeddings z_t (B, D) of `captions`:
+        DDIM from the starting noise of each seed (N draws of its stream), in the prior's space (a prior in raw
+        CLIP space reads z_t × `norms` (B,), the raw text embeddings' norms: the shards' text_norm column, or,
+        not given, the norms of the captions as the CLIP encodes them). Unit vectors; with `raw` (priors in raw
+        CLIP space only) the raw embeddings, what a decoder in Karlo's layout reads."""
         s = self.sampling
         n = candidates or s.candidates
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         device = _device(self.net)
         z_t = z_t.to(device).float()
         b, d = z_t.shape
-        raw = self.config.raw
-        if raw:
+        if raw and not self.config.raw:
+            raise ValueError("this prior reads unit CLIP vectors (clip_space unit): it has no raw embeddings to give")
+        if self.config.raw:
             z_t = z_t * (self.text.norms(captions, device) if norms is None else norms.to(device).float())[:, None]
         cond = Caption(z_t, *self.text.tokens(list(captions), device))
         if scale != 1.0:  # the unconditional half: every caption dropped
-            empty = self.text.empty(device, raw=raw)
+            empty = self.text.empty(device, raw=self.config.raw)
             cond = cond.cat(drop_caption(cond, torch.ones(b, dtype=torch.bool, device=device), empty))
         rows = cond.map(lambda v: v.repeat_interleave(n, 0))  # each caption's N candidates side by side
 
@@ -106,16 +109,18 @@ class PriorSampler:
 
         noise = seeded_noise(seeds, (d,), "prior_start", n).to(device)
         x_0 = ddim_sample(denoise, noise, steps or s.steps, "sample")
-        return F.normalize(self.net.denormalise(x_0.float()), dim=-1).view(b, n, d)
+        z = self.net.denormalise(x_0.float()).view(b, n, d)
+        return z if raw else F.normalize(z, dim=-1)
 
     def sample(self, z_t: torch.Tensor, captions: list[str], seeds: list[int], **options) -> torch.Tensor:
-        """Unit image embeddings (B, D): of each caption's candidates, the one nearest its z_t (unCLIP §2.2)."""
+        """Image embeddings (B, D), unit (or raw: `raw=True`): of each caption's candidates, the one nearest its
+        z_t (unCLIP §2.2)."""
         return best_of(self.candidates(z_t, captions, seeds, **options), z_t.to(_device(self.net)).float())
 
 
 def best_of(candidates: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
-    """For each row, the candidate (B, N, D) with the largest dot product with its z_t (B, D)."""
-    best = (candidates @ z_t.unsqueeze(-1)).squeeze(-1).argmax(1)  # (B,)
+    """For each row, the candidate (B, N, D) whose direction has the largest dot product with its z_t (B, D)."""
+    best = (F.normalize(candidates, dim=-1) @ z_t.unsqueeze(-1)).squeeze(-1).argmax(1)  # (B,)
     return candidates[torch.arange(len(candidates)), best]
 
 
@@ -140,10 +145,14 @@ class DecoderSampler:
         if self.text.mode == "none":
             return Caption()
         reads_z_t = self.net.reads_text_embedding
+        raw = self.config.raw
         if captions:
-            z_t = self.text.encoder(device).encode_texts(list(captions)).clone().to(device) if reads_z_t else None
+            z_t = None
+            if reads_z_t:
+                unit, norms = self.text.encoder(device).encode_texts(list(captions), norms=True)
+                z_t = (unit * norms[:, None] if raw else unit).clone().to(device)
             return Caption(z_t, *self.text.tokens(list(captions), device))
-        empty = self.text.empty(device)
+        empty = self.text.empty(device, raw=raw)
         return Caption(empty.z_t if reads_z_t else None, empty.tokens, empty.mask).map(
             lambda v: v.expand(b, *v.shape[1:])
         )
@@ -157,10 +166,11 @@ class DecoderSampler:
         steps: int | None = None,
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Images (B, 3, s, s) in [-1, 1] for CLIP vectors z (B, D). No captions: the dropped caption (image
+        """Images (B, 3, s, s) in [-1, 1] for CLIP vectors z (B, D) (raw for a decoder in Karlo's layout,
+        `config.raw`; else unit). No captions: the dropped caption (image
         variations, interpolations). Guidance: the conditional and unconditional halves in one batch, on ε (a
         learned variance is taken from the conditional half, as UnCLIPPipeline does). A decoder with a learned
-        variance samples as Karlo does (training/diffusion.py:unclip_sample); the others by DDIM with `eta`."""
+        variance (predicting ε or x_0) samples as Karlo does (training/diffusion.py:unclip_sample); the others by DDIM with `eta`."""
         s = self.sampling
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         device = _device(self.net)
@@ -171,7 +181,7 @@ class DecoderSampler:
             everything = torch.ones(b, dtype=torch.bool, device=device)
             z = torch.cat([z, drop_embedding(z, everything, self.net.null_embedding())])
             if caption.tokens is not None:
-                caption = caption.cat(drop_caption(caption, everything, self.text.empty(device)))
+                caption = caption.cat(drop_caption(caption, everything, self.text.empty(device, raw=self.config.raw)))
 
         def denoise(x_t, t):
             if scale == 1.0:
@@ -186,7 +196,7 @@ class DecoderSampler:
         noise = seeded_noise(seeds, (3, size, size), "decoder_start").to(device)
         generators = step_generators(seeds, "decoder_step")
         if self.config.learned_variance:
-            x_0 = unclip_sample(denoise, noise, steps or s.steps, generators)
+            x_0 = unclip_sample(denoise, noise, steps or s.steps, generators, self.prediction_type)
         else:
             x_0 = ddim_sample(
                 denoise,
