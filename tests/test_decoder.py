@@ -351,16 +351,18 @@ def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():
     assert points[1]["glide_like"] is None  # outside the baseline's range of CLIP scores
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "text-small", "laion-64px"])
+@pytest.mark.parametrize("name", ["tiny", "small", "text-small", "small-export", "laion-64px"])
 def test_every_attention_layer_has_heads_of_head_width(name):
     """channels // head_width heads of head_width each (diffusers reads its argument as a head count)."""
-    from training.decoder_net import Decoder, DecoderConfig
+    from training.decoder_net import DecoderConfig, build_decoder
     from training.export import attention_layout
 
     sizes = dict(load_decoder_config(REPO / f"configs/decoder/{name}.yaml")["decoder"])
-    sizes.setdefault("dim", 64)
-    with torch.device("meta"):  # the 1.15 B-parameter config too, without allocating it
-        net = Decoder(DecoderConfig(**sizes))
+    sizes.setdefault("dim", sizes.get("text_token_width") or 64)
+    if sizes.get("layout") == "karlo":  # its tokens are as wide as dim (the job takes the width from the CLIP)
+        sizes.setdefault("text_token_width", sizes["dim"])
+    with torch.device("meta"):  # the 0.87 B-parameter config too, without allocating it
+        net = build_decoder(DecoderConfig(**sizes))
     layout = attention_layout(net)
     assert len(layout) > 0 and {width for _, width in layout} == {sizes["head_width"]}
     assert {heads * width for heads, width in layout} == set(sizes["channels"][1:])
@@ -478,7 +480,7 @@ def test_tiny_karlo_layout_decoder_with_learned_variance_trains_exports_and_samp
     torch.testing.assert_close(again, images[:1], atol=1e-5, rtol=0)  # seeded, whatever the batch
 
 
-def test_a_learned_variance_needs_the_karlo_layout_and_epsilon(tiny_clip_dir):
+def test_a_learned_variance_needs_the_karlo_layout_and_an_unclip_scheduler_prediction(tiny_clip_dir):
     from training.decoder import DecoderModule
     from training.decoder_net import Decoder, DecoderConfig
 
@@ -487,7 +489,7 @@ def test_a_learned_variance_needs_the_karlo_layout_and_epsilon(tiny_clip_dir):
     )
     with pytest.raises(ValueError, match="learned_variance needs layout: karlo"):
         Decoder(DecoderConfig(**sizes, learned_variance=True))
-    with pytest.raises(ValueError, match="predicts ε: set prediction_type: epsilon"):
+    with pytest.raises(ValueError, match="set prediction_type: epsilon or sample"):
         DecoderModule(dict(sizes, layout="karlo", learned_variance=True, text_token_width=32), {}, text_tokens="clip")
 
 
@@ -512,3 +514,49 @@ def test_an_upsampler_fine_tunes_from_a_karlo_folder_and_exports(tiny_embed, tmp
     assert upsampler.net.unet.config.down_block_types[0] == "ResnetDownsampleBlock2D"
     images = upsampler.sample(torch.zeros(1, 3, 8, 8), [0], steps=2)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_a_decoder_fine_tunes_from_a_karlo_folder_on_raw_vectors_and_exports(tiny_embed, tmp_path):
+    """make train-decoder with init_from Karlo's layout (a tiny random-weight pipeline saved by diffusers): the
+    sizes come from its decoder/ and text_proj/, their weights (the learned null embedding too) start training,
+    the batches carry raw CLIP vectors (unit × the norm columns), a few ε steps train and the export samples; a
+    config size that contradicts the folder is refused by name."""
+    from embeddings.config import ConfigError
+
+    from .diffusers_tiny import tiny_unclip_pipeline
+
+    pipeline = tiny_unclip_pipeline(tmp_path / "karlo")
+    with torch.no_grad():
+        pipeline.text_proj.learned_classifier_free_guidance_embeddings.normal_()
+    pipeline.save_pretrained(tmp_path / "karlo" / "saved")
+    options = dict(init_from=str(tmp_path / "karlo" / "saved"), text_tokens="clip", prediction_type="epsilon")
+    record = _train_tiny(
+        train_decoder, "configs/decoder/tiny.yaml", tiny_embed, tmp_path, decoder=None, max_steps=3, **options
+    )
+    assert len(record.losses) == 3 and all(math.isfinite(loss) for loss in record.losses)
+    config, _ = tiny_embed
+    data = ImageEmbeddingDataModule(
+        str(config.layout.shards), str(config.layout.embeddings), image_size=8, seed=0, val_samples=4, raw_norms=True
+    )
+    row = data.val_rows()[0]  # what a Karlo-layout decoder reads: unit × the norm columns
+    table = store.read_shard(config.layout.embeddings / f"{store.shard_name(data.shards('val')[0].path)}.parquet")
+    i = table.column("key").to_pylist().index(row["key"])
+    np.testing.assert_allclose(row["image_embedding"], store.raw_vectors(table, "image_embedding")[i], rtol=1e-6)
+    assert abs(np.linalg.norm(row["image_embedding"]) - 1) > 0.01
+    decoder = load_decoder(tmp_path / "models" / "tiny" / "decoder")
+    assert decoder.config.layout == "karlo" and decoder.config.image_size == 8
+    published = pipeline.text_proj.learned_classifier_free_guidance_embeddings
+    assert (
+        torch.nn.functional.cosine_similarity(decoder.net.null_embedding(), published, dim=0) > 0.9
+    )  # fine-tuned from it
+    images = decoder.sample(8 * torch.randn(2, decoder.config.dim), [0, 1], ["a red circle", "a blue square"], steps=2)
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    with pytest.raises(ConfigError, match="decoder.image_size is 16 but the decoder at init_from"):
+        _train_tiny(
+            train_decoder,
+            "configs/decoder/tiny.yaml",
+            tiny_embed,
+            tmp_path / "again",
+            decoder={"image_size": 16},
+            **options,
+        )

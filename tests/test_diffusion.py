@@ -310,7 +310,7 @@ def test_the_variational_bound_term_is_zero_for_the_true_reverse_step_and_trains
     ε (Improved DDPM's stop-gradient); and the log variance spans [log β̃_t, log β_t] as UnCLIPScheduler reads it."""
     from diffusers import UnCLIPScheduler
 
-    from training.diffusion import model_log_variance, vlb_term
+    from training.diffusion import model_log_variance, predicted_x0, vlb_term
 
     from training.diffusion import posterior
 
@@ -324,27 +324,64 @@ def test_the_variational_bound_term_is_zero_for_the_true_reverse_step_and_trains
     abar, beta = schedule.alphas_cumprod[t].view(-1, 1, 1, 1), schedule.betas[t].view(-1, 1, 1, 1)
     ddpm_mean = (x_t - beta / (1 - abar).sqrt() * noise) / (1 - beta).sqrt()
     torch.testing.assert_close(posterior(schedule, x_0, x_t, t)[0], ddpm_mean, atol=1e-4, rtol=1e-4)
-    exact = vlb_term(schedule, noise, -torch.ones_like(x_0), x_0, x_t, t)
+    x_0_hat = predicted_x0(schedule, noise, x_t, t, "epsilon")  # the exact ε gives back x_0
+    torch.testing.assert_close(x_0_hat, x_0, atol=1e-2, rtol=0)  # float32, amplified by 1/√ᾱ at t = 999
+    assert predicted_x0(schedule, x_0, x_t, t, "sample") is x_0
+    exact = vlb_term(schedule, x_0_hat, -torch.ones_like(x_0), x_0, x_t, t)
     assert exact.abs().max() < 1e-6
-    wrong = vlb_term(schedule, noise, torch.ones_like(x_0), x_0, x_t, t)  # log β_t: β_t ≈ β̃_t for large t
+    wrong = vlb_term(schedule, x_0_hat, torch.ones_like(x_0), x_0, x_t, t)  # log β_t: β_t ≈ β̃_t for large t
     assert (wrong[:2] > 1e-3).all() and (wrong >= exact - 1e-6).all()
     eps, values = noise.clone().requires_grad_(), torch.zeros_like(x_0, requires_grad=True)
-    vlb_term(schedule, eps, values, x_0, x_t, t).sum().backward()
+    vlb_term(schedule, predicted_x0(schedule, eps, x_t, t, "epsilon"), values, x_0, x_t, t).sum().backward()
     assert eps.grad is None and values.grad.abs().sum() > 0
     # t = 0: the discretised likelihood of 8-bit x_0. With the exact ε the mean is x_0, so each interior pixel's
     # probability is the Gaussian mass of its bin, 2Φ(h/σ) − 1 with h = 1/255 and σ² = β̃_1
     on_grid = (torch.round((x_0 + 1) * 127.5) / 127.5 - 1).clamp(-0.99, 0.99)
     zero = torch.zeros(4, dtype=torch.long)
     x_1 = schedule.add_noise(on_grid, noise, zero)
-    nll = vlb_term(schedule, noise, -torch.ones_like(x_0), on_grid, x_1, zero)
+    nll = vlb_term(
+        schedule, predicted_x0(schedule, noise, x_1, zero, "epsilon"), -torch.ones_like(x_0), on_grid, x_1, zero
+    )
     a = schedule.alphas_cumprod.double()
     sigma = (schedule.betas[1].double() * (1 - a[0]) / (1 - a[1])).sqrt().float()
     bits = -torch.log2(2 * torch.special.ndtr(torch.tensor(1 / 255) / sigma) - 1)
     torch.testing.assert_close(nll, bits.expand(4).float(), atol=0.01, rtol=0)
-    assert (vlb_term(schedule, noise + 0.5, -torch.ones_like(x_0), on_grid, x_1, zero) > nll + 0.2).all()
+    off = predicted_x0(schedule, noise + 0.5, x_1, zero, "epsilon")
+    assert (vlb_term(schedule, off, -torch.ones_like(x_0), on_grid, x_1, zero) > nll + 0.2).all()
     karlo = UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon")
     for step in (10, 500):
         v = torch.tensor([-0.5, 0.3])
         ours = model_log_variance(schedule, v[:, None], torch.tensor([step, step]))[:, 0]
         theirs = karlo._get_variance(step, predicted_variance=v, prev_timestep=step - 1)
         torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_v_weight_makes_an_epsilon_or_x0_loss_the_v_loss_and_caps_it():
+    """‖v − v̂‖² = v_weight · ‖ε − ε̂‖² for an ε network and v_weight · ‖x_0 − x̂_0‖² for an x_0 one (uncapped), with
+    v̂ derived from the network's prediction; the cap bounds the weight where it grows without limit."""
+    from training.diffusion import predicted_x0, v_weight
+
+    schedule = noise_schedule("epsilon")
+    g = torch.Generator().manual_seed(0)
+    x_0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([5, 300, 700, 950])
+    x_t = schedule.add_noise(x_0, noise, t)
+    abar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1).double()
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    v = schedule.get_velocity(x_0, noise, t).double()
+    per_row = lambda e: (e.double() ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+    eps_hat = noise + 0.1 * torch.randn(x_0.shape, generator=g)
+    v_hat = alpha * eps_hat - sigma * predicted_x0(schedule, eps_hat, x_t, t, "epsilon").double()
+    torch.testing.assert_close(
+        per_row(v_hat - v),
+        v_weight(schedule, t, 1e12, "epsilon").double() * per_row(eps_hat - noise),
+        rtol=1e-3,
+        atol=0,
+    )
+    x_0_hat = x_0 + 0.1 * torch.randn(x_0.shape, generator=g)
+    v_hat = alpha * (x_t.double() - alpha * x_0_hat) / sigma - sigma * x_0_hat
+    torch.testing.assert_close(
+        per_row(v_hat - v), v_weight(schedule, t, 1e12, "sample").double() * per_row(x_0_hat - x_0), rtol=1e-3, atol=0
+    )
+    capped = v_weight(schedule, torch.tensor([0, 999]), 20.0, "epsilon")
+    assert capped[1] == 20.0 and capped[0] == pytest.approx(1.0, abs=1e-3)

@@ -1,16 +1,17 @@
 """`make train-decoder` and `make train-upsampler`: the image diffusion models of unCLIP.
 
-Both predict v (or the noise ε; `prediction_type`) with an MSE loss (a decoder with a learned variance
-adds the variational bound's term: the hybrid loss), keep an EMA copy of the
-network for sampling, evaluation and export, draw their noise from the stream of (seed, step, rank)
-so a resumed run repeats what it would have drawn, and save a PNG grid of samples from fixed val
-samples at each validation, so progress is visible. Sampling is training/samplers.py's.
+Both predict v, the noise ε or x_0 (`prediction_type`; ε and x_0 weighted as v's with `v_weight_cap`)
+with an MSE loss (a decoder with a learned variance adds the variational bound's term: the hybrid
+loss), keep an EMA copy of the network for sampling, evaluation and export, draw their noise from the
+stream of (seed, step, rank) so a resumed run repeats what it would have drawn, and save a PNG grid of
+samples from fixed val samples at each validation, so progress is visible. Sampling is
+training/samplers.py's.
 
 Decoder: conditioned on a CLIP vector z (the image embedding for unCLIP; the text embedding for the
-GLIDE-like baseline of `make eval`), which is dropped (zeroed; Karlo's layout: its learned null vector)
-10% of the time, and optionally on
-text tokens, dropped (the empty caption's) 50% of the time (paper §2.1); sampling applies
-classifier-free guidance to the model output.
+GLIDE-like baseline of `make eval`; raw vectors in Karlo's layout, unit ones in the other), which is
+dropped (zeroed; Karlo's layout: its learned null vector) 10% of the time, and optionally on text
+tokens, dropped (the empty caption's) 50% of the time (paper §2.1); sampling applies classifier-free
+guidance to the model output.
 Upsampler: conditioned on the ×4 smaller image made by box downsampling, blurred with a random
 Gaussian during training (the paper's first upsampler); trained on random crops, sampled whole.
 """
@@ -24,13 +25,23 @@ import torch.nn.functional as F
 
 from training.conditioning import Caption, FrozenText, drop_caption, drop_embedding
 from training.decoder_net import DecoderConfig, Upsampler, UpsamplerConfig, build_decoder, downsample, upsample
-from training.diffusion import noise_schedule, sample_timesteps, stream, vlb_term
-from training.published import load_published_upsampler
+from training.diffusion import (
+    UNCLIP_PREDICTIONS,
+    noise_schedule,
+    predicted_x0,
+    sample_timesteps,
+    stream,
+    v_weight,
+    vlb_term,
+)
+from training.published import load_published_decoder, load_published_upsampler
 from training.grid import save_grid, to_uint8
 from training.samplers import DecoderSampler, UpsamplerSampler
 from training.trainer import DiffusionModule
 
-PREDICTION_TYPES = ("v_prediction", "epsilon")  # v trains faster at low resolution: fewer wrong global colours
+# v trains faster at low resolution (fewer wrong global colours); UnCLIPScheduler, and so an export to
+# diffusers, takes ε or x_0 ('sample') only (what each gave at the demo's budget: README, "Results").
+PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 CONDITIONS = ("image", "text")  # which CLIP embedding the decoder reads: z_i (unCLIP) or z_t (GLIDE-like)
 
 
@@ -57,6 +68,8 @@ class ImageDiffusionModule(DiffusionModule):
             raise ValueError(
                 f"prediction_type {self.hparams.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}"
             )
+        if self.hparams.v_weight_cap and self.hparams.prediction_type == "v_prediction":
+            raise ValueError("v_weight_cap weighs an ε or x_0 loss as v's: a v loss has its weights already")
         self.init_nets(net)
         self.schedule = noise_schedule(self.hparams.prediction_type)
         self._grid_batch: dict | None = None
@@ -70,12 +83,21 @@ class ImageDiffusionModule(DiffusionModule):
         raise NotImplementedError
 
     def noised(self, x_0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, t, target) for clean images x_0; the target is ε or v = α·ε − σ·x_0 (prediction_type)."""
+        """(x_t, t, target) for clean images x_0; the target is ε, v = α·ε − σ·x_0 or x_0 (prediction_type)."""
         t = sample_timesteps(x_0.shape[0], generator, x_0.device)
         noise = torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
         x_t = self.schedule.add_noise(x_0, noise, t)
-        target = self.schedule.get_velocity(x_0, noise, t) if self.hparams.prediction_type == "v_prediction" else noise
-        return x_t, t, target
+        kind = self.hparams.prediction_type
+        if kind == "v_prediction":
+            return x_t, t, self.schedule.get_velocity(x_0, noise, t)
+        return x_t, t, noise if kind == "epsilon" else x_0
+
+    def mse(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-row MSE (B,), weighted as the v objective's where `v_weight_cap` is set."""
+        mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.dim())))
+        if self.hparams.v_weight_cap:
+            mse = mse * v_weight(self.schedule, t, self.hparams.v_weight_cap, self.hparams.prediction_type)
+        return mse
 
     def training_step(self, batch, batch_idx):
         loss = self.count_batch(self.loss(batch, self.step_generator(), self.net))
@@ -109,10 +131,11 @@ class DecoderModule(ImageDiffusionModule):
 
     def __init__(
         self,
-        decoder: dict,
+        decoder: dict | None = None,
         clip: dict | None = None,
         *,
         condition: str = "image",
+        init_from: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 200,
@@ -122,19 +145,31 @@ class DecoderModule(ImageDiffusionModule):
         text_drop_prob: float = 0.5,
         text_tokens: str = "none",
         prediction_type: str = "v_prediction",
+        v_weight_cap: float | None = None,
         sampling: dict | None = None,
         seed: int = 0,
     ):
-        """`decoder`: DecoderConfig sizes; `clip`: the CLIP of the embeddings (needed with `text_tokens: clip`);
-        `condition`: 'image' (unCLIP) or 'text' (GLIDE-like baseline); `sampling`: DecoderSampling fields."""
+        """`decoder`: DecoderConfig sizes (with `init_from`: those of the published decoder); `clip`: the CLIP of
+        the embeddings (needed with `text_tokens: clip`); `condition`: 'image' (unCLIP) or 'text' (GLIDE-like
+        baseline); `init_from`: a Karlo pipeline folder whose decoder/ and text_proj/ weights (its learned null
+        embedding too) start training; `v_weight_cap`: an ε or x_0 decoder's MSE weighted as the v objective's,
+        the weights capped there (training/diffusion.py:v_weight; None: unweighted); `sampling`: DecoderSampling
+        fields."""
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"condition {condition!r}: use 'image' (unCLIP) or 'text' (GLIDE-like baseline)")
         self.save_hyperparameters()
-        self.config = DecoderConfig(**decoder)
-        if self.config.learned_variance and prediction_type != "epsilon":
-            raise ValueError("a decoder with learned_variance predicts ε: set prediction_type: epsilon")
-        self.init_image_nets(build_decoder(self.config))
+        self.config = DecoderConfig(**(decoder or {}))
+        if self.config.learned_variance and prediction_type not in UNCLIP_PREDICTIONS:
+            raise ValueError(
+                "a decoder with learned_variance samples with UnCLIPScheduler: set prediction_type: epsilon or sample"
+            )
+        if init_from and (self.config.layout != "karlo" or condition != "image"):
+            raise ValueError("a published decoder (init_from) is Karlo's: decoder.layout karlo, condition image")
+        net = build_decoder(self.config)
+        if init_from:
+            load_published_decoder(net, init_from)
+        self.init_image_nets(net)
         self.text = FrozenText(text_tokens, clip)
         self.sampler = DecoderSampler(self.ema, self.text, prediction_type, condition, sampling)
 
@@ -142,8 +177,8 @@ class DecoderModule(ImageDiffusionModule):
         return batch["z_i" if self.hparams.condition == "image" else "z_t"].float()
 
     def loss(self, batch, generator, net):
-        """MSE on the prediction target; with a learned variance, plus the variational bound's term at t (the
-        hybrid loss of Improved DDPM, as Karlo trains)."""
+        """MSE on the prediction target (weighted as v's with `v_weight_cap`); with a learned variance, plus the
+        variational bound's term at t (the hybrid loss of Improved DDPM, as Karlo trains)."""
         x_0 = downsample(batch["image"], self.config.image_size)
         x_t, t, target = self.noised(x_0, generator)
         b = x_0.shape[0]
@@ -153,12 +188,14 @@ class DecoderModule(ImageDiffusionModule):
         z_t = batch["z_t"].float() if net.reads_text_embedding else None
         caption = Caption(z_t, *self.text.tokens(batch["caption"], self.device))
         if caption.tokens is not None:
-            caption = drop_caption(caption, drop_text, self.text.empty(self.device))
+            caption = drop_caption(caption, drop_text, self.text.empty(self.device, raw=self.config.raw))
         output = net(x_t, t, z, caption.tokens, caption.mask, z_t=caption.z_t)
-        if not self.config.learned_variance:
-            return F.mse_loss(output, target)
-        eps, values = output.float().chunk(2, dim=1)
-        return F.mse_loss(eps, target) + vlb_term(self.schedule, eps, values, x_0, x_t, t).mean()
+        prediction, values = output.float().chunk(2, dim=1) if self.config.learned_variance else (output, None)
+        mse = self.mse(prediction, target, t).mean()
+        if values is None:
+            return mse
+        x_0_hat = predicted_x0(self.schedule, prediction, x_t, t, self.hparams.prediction_type)
+        return mse + vlb_term(self.schedule, x_0_hat, values, x_0, x_t, t).mean()
 
     def grid(self, batch):
         samples = self.sampler.sample(self.condition_of(batch), list(range(len(batch["key"]))), batch["caption"])
@@ -185,13 +222,14 @@ class UpsamplerModule(ImageDiffusionModule):
         blur_sigma: tuple[float, float] = (0.4, 0.8),
         train_crop: int = 0,
         prediction_type: str = "v_prediction",
+        v_weight_cap: float | None = None,
         cond_drop_prob: float = 0.1,
         sampling: dict | None = None,
         seed: int = 0,
     ):
         """`upsampler`: UpsamplerConfig sizes (with `init_from`: a published UNet2DModel's, Karlo's super_res_first
         or such a folder, whose weights start training); `train_crop`: side of the random crops trained on (0 = whole
-        images; a multiple of 4); `sampling`: UpsamplerSampling fields."""
+        images; a multiple of 4); `v_weight_cap`: as the decoder's; `sampling`: UpsamplerSampling fields."""
         super().__init__()
         self.save_hyperparameters()
         self.config = UpsamplerConfig(**(upsampler or {}))
@@ -226,7 +264,7 @@ class UpsamplerModule(ImageDiffusionModule):
             high = torch.stack([high[i, :, y : y + c, x : x + c] for i, (y, x) in enumerate(corners)])
             cond = torch.stack([cond[i, :, y : y + c, x : x + c] for i, (y, x) in enumerate(corners)])
         x_t, t, target = self.noised(high, generator)
-        return F.mse_loss(net(x_t, t, cond, z), target)
+        return self.mse(net(x_t, t, cond, z), target, t).mean()
 
     def grid(self, batch):
         high = downsample(batch["image"], self.config.image_size)

@@ -15,16 +15,17 @@ import lightning as L
 
 from embeddings import store
 from training.conditioning import fit_text_tokens
+from training.data import embedding_shards
 from training.decoder import DecoderModule, UpsamplerModule
 from training.decoder_data import ImageEmbeddingDataModule
 from training.decoder_net import DecoderConfig, UpsamplerConfig
 from training.export import save_export
-from training.published import upsampler_sizes
+from training.published import checked_decoder_sizes, upsampler_sizes
 from training.samplers import DecoderSampling, UpsamplerSampling
 from training.settings import ExportRun, JobSpec, check_dim, clip_record
 from training.trainer import build_trainer, resume_checkpoint
 
-_SET_BY_JOB = ("clip", "shards_dir", "embeddings_dir", "image_size", "run_dir", "callbacks")
+_SET_BY_JOB = ("clip", "shards_dir", "embeddings_dir", "image_size", "raw_norms", "run_dir", "callbacks")
 DECODER_JOB = JobSpec(
     {"run": ExportRun, "module": DecoderModule, "data": ImageEmbeddingDataModule, "trainer": build_trainer},
     exclude=_SET_BY_JOB,
@@ -53,7 +54,8 @@ def train_decoder(**settings) -> dict:
     run = ExportRun(**parts["run"])
     manifest = store.complete_manifest(run.layout().embeddings)
     clip, hp = clip_record(manifest), parts["module"]
-    decoder = fit_text_tokens(check_dim("decoder", hp["decoder"], manifest), hp["text_tokens"], clip, "decoder")
+    decoder = checked_decoder_sizes(hp["init_from"], hp["decoder"]) if hp["init_from"] else hp["decoder"] or {}
+    decoder = fit_text_tokens(check_dim("decoder", decoder, manifest), hp["text_tokens"], clip, "decoder")
     L.seed_everything(hp["seed"], workers=True)
     return _fit(DecoderModule(**dict(hp, decoder=decoder, clip=clip)), run, parts, manifest)
 
@@ -79,11 +81,14 @@ def _fit(module, run: ExportRun, parts: dict, manifest: dict) -> dict:
     export = run.export or module.kind
     run_dir = Path(run.outputs_root) / f"train-{export}-{name}"
     module.grid_dir = run_dir / "samples"
+    raw = getattr(module.config, "raw", False)  # a decoder in Karlo's layout reads raw CLIP vectors
     datamodule = ImageEmbeddingDataModule(
-        str(layout.shards), str(layout.embeddings), image_size=module.config.image_size, **parts["data"]
+        str(layout.shards), str(layout.embeddings), image_size=module.config.image_size, raw_norms=raw, **parts["data"]
     )
     for split in ("train", datamodule.val_split):  # the join reads every tar and shard now: damage is named here
         datamodule.shards(split)
+        for shard in embedding_shards(layout.embeddings, split) if raw else ():
+            store.require_norms(store.shard_file(shard.path).schema_arrow.names, str(shard.path))
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     # The final val loss and sample grid; every rank takes part (under DDP the val loss is averaged over ranks).

@@ -55,6 +55,27 @@ def sampler(prediction_type: str = "sample", clip_sample: bool = False) -> DDIMS
     )
 
 
+def v_weight(schedule: DDPMScheduler, t: torch.Tensor, cap: float, prediction_type: str) -> torch.Tensor:
+    """Per-row weights (B,) that make an MSE on ε or x_0 the v objective's (Salimans & Ho 2022), capped at `cap`:
+    ‖v − v̂‖² = ‖ε − ε̂‖²/ᾱ_t = ‖x_0 − x̂_0‖²/(1 − ᾱ_t). v's weights put the high-noise steps, which settle an
+    image's layout and colours, and the low-noise ones, which settle its detail, on one footing; the cap is needed
+    because an ε network near t = T (or an x_0 network near t = 0) cannot be made exact and the weight there grows
+    without bound."""
+    abar = schedule.alphas_cumprod.to(t.device)[t].double()
+    weight = 1 / abar if prediction_type == "epsilon" else 1 / (1 - abar)
+    return weight.clamp(max=cap).float()
+
+
+def predicted_x0(
+    schedule: DDPMScheduler, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """x̂_0 from a network's ε or x_0 ('sample') prediction at x_t, t."""
+    if prediction_type == "sample":
+        return prediction
+    abar = _at(schedule.alphas_cumprod.double(), t, x_t)
+    return ((x_t - (1 - abar).sqrt() * prediction) / abar.sqrt()).to(prediction.dtype)
+
+
 def sample_timesteps(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Uniform training timesteps in [0, 1000)."""
     return torch.randint(0, TRAIN_STEPS, (batch,), generator=generator, device=device)
@@ -176,18 +197,16 @@ def _discretised_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: 
 
 def vlb_term(
     schedule: DDPMScheduler,
-    eps: torch.Tensor,
+    x_0_hat: torch.Tensor,
     values: torch.Tensor,
     x_0: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
 ) -> torch.Tensor:
     """The variational bound's term at t per row, in bits per dimension: KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t))
-    for t > 0, the discretised decoder NLL of x_0 at t = 0. The model's mean is built from ε detached, so this
-    term trains the variance values only (Improved DDPM)."""
-    abar = _at(schedule.alphas_cumprod.double(), t, x_t)
-    x_0_hat = (x_t - (1 - abar).sqrt() * eps.detach()) / abar.sqrt()
-    model_mean, _ = posterior(schedule, x_0_hat, x_t, t)
+    for t > 0, the discretised decoder NLL of x_0 at t = 0. The model's mean is built from its x̂_0 detached, so
+    this term trains the variance values only (Improved DDPM)."""
+    model_mean, _ = posterior(schedule, x_0_hat.detach(), x_t, t)
     true_mean, true_log_var = posterior(schedule, x_0, x_t, t)
     log_var = model_log_variance(schedule, values, t)
     dims = tuple(range(1, x_0.dim()))
@@ -196,16 +215,33 @@ def vlb_term(
     return torch.where(t == 0, nll, kl)
 
 
+UNCLIP_PREDICTIONS = ("epsilon", "sample")  # what UnCLIPScheduler samples: ε or x_0, not v
+
+
+def unclip_scheduler(variance_type: str, prediction_type: str, clip_sample: bool = True) -> UnCLIPScheduler:
+    """diffusers' UnCLIPScheduler on our training schedule (1000 steps, squaredcos_cap_v2): how Karlo's stages
+    sample, and the scheduler configs make export-diffusers writes. `variance_type`: 'learned_range' (a model
+    that predicts its variance) or 'fixed_small_log'; `prediction_type`: 'epsilon' or 'sample' (x_0)."""
+    return UnCLIPScheduler(
+        num_train_timesteps=TRAIN_STEPS,
+        beta_schedule="squaredcos_cap_v2",
+        variance_type=variance_type,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+    )
+
+
 def unclip_sample(
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     noise: torch.Tensor,
     steps: int,
     generators: list[torch.Generator],
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
-    """Ancestral sampling of a model that predicts ε and its variance (6 channels), as Karlo samples its decoder
-    (diffusers' UnCLIPScheduler: steps spread over [999, 0], the learned variance, x̂_0 clipped to [-1, 1]); row
-    i's fresh noise comes from generators[i], so a sample does not depend on its batch."""
-    scheduler = UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon")
+    """Ancestral sampling of a model that predicts ε (or x_0: 'sample') and its variance (6 channels), as Karlo
+    samples its decoder (diffusers' UnCLIPScheduler: steps spread over [999, 0], the learned variance, x̂_0 clipped
+    to [-1, 1]); row i's fresh noise comes from generators[i], so a sample does not depend on its batch."""
+    scheduler = unclip_scheduler("learned_range", prediction_type)
     scheduler.set_timesteps(steps, device=noise.device)
     x, timesteps = noise, scheduler.timesteps
     with torch.no_grad():

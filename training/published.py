@@ -196,6 +196,21 @@ def decoder_sizes(path: str | Path) -> dict:
     return sizes.to_dict()
 
 
+def checked_decoder_sizes(path: str | Path, configured: dict | None) -> dict:
+    """The sizes of the Karlo decoder at `path` (decoder_sizes), with the config's `decoder:` keys as assertions:
+    a key set there that differs from the folder's is an error (a fine-tuned decoder keeps the published sizes)."""
+    sizes = decoder_sizes(path)
+    for key, value in (configured or {}).items():
+        if key not in sizes:
+            raise ConfigError(f"decoder.{key}: unknown key")
+        if value != sizes[key]:
+            raise ConfigError(
+                f"decoder.{key} is {value!r} but the decoder at init_from {path} has {sizes[key]!r}: drop the key "
+                "(a fine-tuned decoder keeps the published sizes)"
+            )
+    return sizes
+
+
 def load_published_decoder(net: torch.nn.Module, path: str | Path) -> None:
     """Fill our KarloDecoder `net` with a Karlo folder's decoder/ and text_proj/ weights (strict, by name)."""
     path = Path(path)
