@@ -191,7 +191,7 @@ submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|trai
 	$(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . -- \
 		$(SUBMIT_PYTHON) -m $(JOB_$(JOB)) $(SET_OPTS)
 
-export-diffusers: setup ## OUT=dir: the exported prior as a KandinskyV22PriorPipeline folder diffusers loads [MODELS=folder]
+export-diffusers: setup ## OUT=dir: models/<name>/ as an UnCLIPPipeline folder diffusers loads (a prior alone: KandinskyV22PriorPipeline) [MODELS=folder]
 	@test -n "$(OUT)" || { echo 'usage: make export-diffusers OUT=exports/mine [MODELS=models/mine]'; exit 2; }
 	$(PY) -m training export-diffusers $(if $(DATA_GIVEN),--data "$(DATA_SET)") $(if $(MODELS),--models "$(MODELS)") \
 		--out "$(OUT)"

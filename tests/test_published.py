@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from .diffusers_tiny import CLIP_DIM, tiny_kandinsky_prior_pipeline, tiny_unclip_pipeline
+from training.diffusers_export import TEXT_PROJ
 
-# diffusers 0.42.1 saves the text projection of UnCLIPPipeline as ["diffusers", "UnCLIPTextProjModel"],
-# which it cannot load back (the class lives in diffusers.pipelines.deprecated.unclip); Karlo's own
-# folders say ["unclip", ...], which 0.42.1 refuses to import. The module that defines the class loads.
-TEXT_PROJ = ["diffusers.pipelines.deprecated.unclip.text_proj", "UnCLIPTextProjModel"]
+from .diffusers_tiny import CLIP_DIM, tiny_kandinsky_prior_pipeline, tiny_unclip_pipeline
 
 
 def test_the_pinned_transformers_runs_diffusers_unclip_and_kandinsky_pipelines_offline(tmp_path):
@@ -219,7 +216,7 @@ def test_what_cannot_export_to_diffusers_says_why(tiny_clip_dir, tmp_path):
         {"prior": sizes, "hparams": {"text_tokens": "clip", "sampling": {}}},
         {"model": str(tiny_clip_dir), "checksum": encoder.checksum},
     )
-    with pytest.raises(ConfigError, match="trained from scratch on unit CLIP vectors"):
+    with pytest.raises(ConfigError, match=r"reads unit CLIP vectors \(prior.clip_space unit\)"):
         export_prior_pipeline(folder, tmp_path / "out")
     default_clip = load_clip({"model": str(REPO / "models" / "synthetic" / "clip")})
     with pytest.raises(ValueError, match="image tower is a ModifiedResNet"):
@@ -300,3 +297,146 @@ def test_init_from_a_karlo_super_resolution_unet_computes_what_it_computes(tmp_p
     module = UpsamplerModule(sizes, init_from=str(tmp_path / "saved"), prediction_type="epsilon")
     state = pipeline.super_res_first.state_dict()
     assert all(torch.equal(v, module.ema.unet.state_dict()[k]) for k, v in state.items())
+
+
+def _our_unclip_models(folder, clip_dir, *, upsampler_dim: int = 0, prediction_type: str = "epsilon"):
+    """models/<name>/ as the default configs make it, at tiny sizes with random weights, against the tiny test
+    CLIP (32-d, 32 tokens): a raw-space prior reading token encodings, a Karlo-layout decoder with a learned
+    variance, an image-only ε upsampler (8 → 32 px)."""
+    from training.conditioning import load_clip
+    from training.decoder_net import DecoderConfig, KarloDecoder, Upsampler, UpsamplerConfig
+    from training.export import save_export
+    from training.prior_net import DiffusionPrior, PriorConfig
+
+    encoder = load_clip({"model": str(clip_dir)})
+    record = {"model": str(clip_dir), "checksum": encoder.checksum}
+    torch.manual_seed(0)
+    prior_sizes = PriorConfig(
+        dim=CLIP_DIM, width=32, depth=1, heads=2, text_token_width=CLIP_DIM, max_text_tokens=32, clip_space="raw"
+    ).to_dict()
+    decoder_sizes = DecoderConfig(
+        image_size=8,
+        dim=CLIP_DIM,
+        channels=[16, 32],
+        layers_per_block=1,
+        head_width=16,
+        context_width=32,
+        text_token_width=CLIP_DIM,
+        norm_groups=8,
+        layout="karlo",
+        learned_variance=True,
+    ).to_dict()
+    upsampler_sizes = UpsamplerConfig(image_size=32, dim=upsampler_dim, channels=[16, 32], norm_groups=8).to_dict()
+    prior = DiffusionPrior(PriorConfig(**prior_sizes))
+    prior.set_statistics(0.1 * torch.randn(CLIP_DIM), torch.rand(CLIP_DIM) + 0.5)
+    nets = {
+        "prior": (prior, {"text_tokens": "clip"}),
+        "decoder": (
+            KarloDecoder(DecoderConfig(**decoder_sizes)),
+            {"text_tokens": "clip", "prediction_type": prediction_type, "condition": "image"},
+        ),
+        "upsampler": (Upsampler(UpsamplerConfig(**upsampler_sizes)), {"prediction_type": prediction_type}),
+    }
+    sizes = {"prior": prior_sizes, "decoder": decoder_sizes, "upsampler": upsampler_sizes}
+    for kind, (net, hparams) in nets.items():
+        with torch.no_grad():  # every trainable tensor random (zero-initialised ones too), so a mismatch shows
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        save_export(folder / kind, kind, net, {kind: sizes[kind], "hparams": dict(hparams, sampling={})}, record)
+    return folder
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+def test_the_default_layouts_export_to_an_unclip_pipeline_that_runs_and_computes_ours_stage_by_stage(
+    tiny_clip_dir, tmp_path, prediction_type
+):
+    """make export-diffusers on prior/, decoder/ and upsampler/ in the defaults' layouts: UnCLIPPipeline loads the
+    folder and draws images; with the same inputs its text encoder, prior, text projection + decoder (both
+    guidance halves: ours drops z_i to the learned null vector and the caption to the empty one, as the
+    pipeline does) and super-resolution UNets (after its own bicubic resize) compute what ours do."""
+    import torch.nn.functional as F
+    from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
+
+    from training.diffusers_export import export_diffusers
+    from training.export import load_decoder, load_prior, load_upsampler
+
+    models = _our_unclip_models(tmp_path / "models", tiny_clip_dir, prediction_type=prediction_type)
+    lines = export_diffusers(models, tmp_path / "out")
+    assert "UnCLIPPipeline" in lines[0]
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["text_proj"] == TEXT_PROJ
+    for stage, variance in (("decoder", "learned_range"), ("super_res", "fixed_small_log")):
+        scheduler = json.loads((tmp_path / "out" / f"{stage}_scheduler" / "scheduler_config.json").read_text())
+        assert (scheduler["prediction_type"], scheduler["variance_type"]) == (prediction_type, variance)
+    pipeline = UnCLIPPipeline.from_pretrained(tmp_path / "out")
+    steps = dict(prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2)
+    images = pipeline("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **steps).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all() and images.std() > 0
+
+    prior, decoder, upsampler = (
+        load_prior(models / "prior"),
+        load_decoder(models / "decoder"),
+        load_upsampler(models / "upsampler"),
+    )
+    captions = ["a red circle, on black!", "a small blue square"]
+    ids = pipeline.tokenizer(
+        [""] * 2 + captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt"
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        theirs = pipeline.text_encoder(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+        ours = decoder.caption(captions, 2, "cpu")  # raw z_t, token encodings, mask
+        torch.testing.assert_close(theirs.text_embeds[2:], ours.z_t, atol=1e-5, rtol=0)
+        their_mask = ids.attention_mask.bool()
+
+        x_t, t = torch.randn(2, CLIP_DIM, generator=g), torch.tensor([10, 900])
+        got = pipeline.prior(
+            x_t,
+            t,
+            proj_embedding=ours.z_t,
+            encoder_hidden_states=theirs.last_hidden_state[2:],
+            attention_mask=their_mask[2:],
+        ).predicted_image_embedding
+        torch.testing.assert_close(got, prior.net(x_t, t, ours.z_t, ours.tokens, ours.mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(pipeline.prior.post_process_latents(got), prior.net.denormalise(got))
+
+        z_i, x_t, t = (
+            torch.randn(2, CLIP_DIM, generator=g) * 8,
+            torch.randn(2, 3, 8, 8, generator=g),
+            torch.tensor([5, 700]),
+        )
+        context, time = pipeline.text_proj(
+            image_embeddings=z_i,
+            prompt_embeds=theirs.text_embeds,
+            text_encoder_hidden_states=theirs.last_hidden_state,
+            do_classifier_free_guidance=True,
+        )
+        mask = F.pad(their_mask, (4, 0), value=True)
+        got = pipeline.decoder(
+            torch.cat([x_t, x_t]), torch.cat([t, t]), context, class_labels=time, attention_mask=mask
+        ).sample
+        empty = decoder.text.empty("cpu", raw=True).map(lambda v: v.expand(2, *v.shape[1:]))
+        null = decoder.net.null_embedding().expand(2, -1)
+        uncond = decoder.net(x_t, t, null, empty.tokens, empty.mask, z_t=empty.z_t)
+        cond = decoder.net(x_t, t, z_i, ours.tokens, ours.mask, z_t=ours.z_t)
+        torch.testing.assert_close(got, torch.cat([uncond, cond]), atol=1e-4, rtol=0)
+
+        low, x_t = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.randn(2, 3, 32, 32, generator=g)
+        upscaled = F.interpolate(low, size=[32, 32], mode="bicubic", align_corners=False, antialias=True)
+        expected = upsampler.net(x_t, t, low)
+        for stage in (pipeline.super_res_first, pipeline.super_res_last):
+            torch.testing.assert_close(stage(torch.cat([x_t, upscaled], dim=1), t).sample, expected, atol=1e-4, rtol=0)
+
+
+def test_models_that_unclip_pipeline_cannot_run_are_refused_with_the_reason(tiny_clip_dir, tmp_path):
+    from embeddings.config import ConfigError
+    from training.diffusers_export import export_unclip_pipeline
+
+    models = _our_unclip_models(tmp_path / "models", tiny_clip_dir, upsampler_dim=CLIP_DIM)
+    with pytest.raises(ConfigError, match="passes the upsampled image only"):
+        export_unclip_pipeline(models, tmp_path / "out")
+    config = json.loads((models / "decoder" / "config.json").read_text())
+    config["hparams"]["prediction_type"] = "v_prediction"
+    (models / "decoder" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="UnCLIPScheduler takes ε or x_0"):
+        export_unclip_pipeline(models, tmp_path / "out")
