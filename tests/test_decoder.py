@@ -516,7 +516,7 @@ def test_an_upsampler_fine_tunes_from_a_karlo_folder_and_exports(tiny_embed, tmp
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
-def test_a_decoder_fine_tunes_from_a_karlo_folder_on_raw_vectors_and_exports(tiny_embed, tmp_path):
+def test_a_decoder_fine_tunes_from_a_karlo_folder_on_raw_vectors_and_exports(tiny_embed, tmp_path, monkeypatch):
     """make train-decoder with init_from Karlo's layout (a tiny random-weight pipeline saved by diffusers): the
     sizes come from its decoder/ and text_proj/, their weights (the learned null embedding too) start training,
     the batches carry raw CLIP vectors (unit × the norm columns), a few ε steps train and the export samples; a
@@ -529,11 +529,22 @@ def test_a_decoder_fine_tunes_from_a_karlo_folder_on_raw_vectors_and_exports(tin
     with torch.no_grad():
         pipeline.text_proj.learned_classifier_free_guidance_embeddings.normal_()
     pipeline.save_pretrained(tmp_path / "karlo" / "saved")
+    import training.decoder_job as job
+
+    built = []  # the job's data modules: a Karlo-layout decoder must be given raw vectors
+
+    class Recording(ImageEmbeddingDataModule):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("raw_norms"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(job, "ImageEmbeddingDataModule", Recording)
     options = dict(init_from=str(tmp_path / "karlo" / "saved"), text_tokens="clip", prediction_type="epsilon")
     record = _train_tiny(
         train_decoder, "configs/decoder/tiny.yaml", tiny_embed, tmp_path, decoder=None, max_steps=3, **options
     )
     assert len(record.losses) == 3 and all(math.isfinite(loss) for loss in record.losses)
+    assert built == [True]
     config, _ = tiny_embed
     data = ImageEmbeddingDataModule(
         str(config.layout.shards), str(config.layout.embeddings), image_size=8, seed=0, val_samples=4, raw_norms=True

@@ -300,9 +300,10 @@ def test_init_from_a_karlo_super_resolution_unet_computes_what_it_computes(tmp_p
 
 
 def _our_unclip_models(folder, clip_dir, *, upsampler_dim: int = 0, prediction_type: str = "epsilon"):
-    """models/<name>/ as the default configs make it, at tiny sizes with random weights, against the tiny test
-    CLIP (32-d, 32 tokens): a raw-space prior reading token encodings, a Karlo-layout decoder with a learned
-    variance, an image-only ε upsampler (8 → 32 px)."""
+    """models/<name>/ in the exportable form (configs/*/small-export.yaml and an image-only upsampler), at tiny
+    sizes with random weights, against the tiny test CLIP (32-d, 32 tokens): a raw-space prior reading token
+    encodings, a Karlo-layout decoder with a learned variance, an upsampler (8 → 32 px); decoder and upsampler
+    predict `prediction_type` (ε or x_0)."""
     from training.conditioning import load_clip
     from training.decoder_net import DecoderConfig, KarloDecoder, Upsampler, UpsamplerConfig
     from training.export import save_export
@@ -348,13 +349,14 @@ def _our_unclip_models(folder, clip_dir, *, upsampler_dim: int = 0, prediction_t
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
-def test_the_default_layouts_export_to_an_unclip_pipeline_that_runs_and_computes_ours_stage_by_stage(
+def test_the_exportable_form_exports_to_an_unclip_pipeline_that_runs_and_computes_ours_stage_by_stage(
     tiny_clip_dir, tmp_path, prediction_type
 ):
-    """make export-diffusers on prior/, decoder/ and upsampler/ in the defaults' layouts: UnCLIPPipeline loads the
+    """make export-diffusers on prior/, decoder/ and upsampler/ in the exportable form: UnCLIPPipeline loads the
     folder and draws images; with the same inputs its text encoder, prior, text projection + decoder (both
     guidance halves: ours drops z_i to the learned null vector and the caption to the empty one, as the
-    pipeline does) and super-resolution UNets (after its own bicubic resize) compute what ours do."""
+    pipeline does) and super-resolution UNets (after the antialiased bicubic resize its call makes, written out here) compute what
+    ours do."""
     import torch.nn.functional as F
     from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
 
@@ -430,11 +432,14 @@ def test_the_default_layouts_export_to_an_unclip_pipeline_that_runs_and_computes
 
 def test_models_that_unclip_pipeline_cannot_run_are_refused_with_the_reason(tiny_clip_dir, tmp_path):
     from embeddings.config import ConfigError
-    from training.diffusers_export import export_unclip_pipeline
+    from training.diffusers_export import export_diffusers, export_unclip_pipeline
 
     models = _our_unclip_models(tmp_path / "models", tiny_clip_dir, upsampler_dim=CLIP_DIM)
     with pytest.raises(ConfigError, match="passes the upsampled image only"):
         export_unclip_pipeline(models, tmp_path / "out")
+    (line,) = export_diffusers(models, tmp_path / "prior-only")  # the prior still exports alone, and says why
+    assert "KandinskyV22PriorPipeline" in line and "no UnCLIPPipeline: " in line and "upsampled image only" in line
+    assert (tmp_path / "prior-only" / "image_encoder").is_dir()
     config = json.loads((models / "decoder" / "config.json").read_text())
     config["hparams"]["prediction_type"] = "v_prediction"
     (models / "decoder" / "config.json").write_text(json.dumps(config))

@@ -58,7 +58,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int = 2) ->
 
 
 class ImageDiffusionModule(DiffusionModule):
-    """What the decoder and upsampler share: v- or ε-loss steps, val loss and sample grids."""
+    """What the decoder and upsampler share: v-, ε- or x_0-loss steps, val loss and sample grids."""
 
     grid_dir: Path | None = None  # set by the job: where validation writes its sample grids
     grid_samples = 8

@@ -5,8 +5,8 @@ layout): `prior/` our PriorTransformer as it is, `text_proj/` and `decoder/` our
 parts, the upsampler's UNet2DModel as both `super_res_first/` and `super_res_last/`, `text_encoder/`
 converted from the open_clip CLIP they were trained against (CLIPTextModelWithProjection),
 `tokenizer/` written from open_clip's BPE vocabulary, and three `UnCLIPScheduler` configs on our
-training schedule (prior: x_0 without clipping; decoder: ε with the learned variance; super-resolution:
-ε with the fixed small variance). A prior alone exports as a `KandinskyV22PriorPipeline` folder, which
+training schedule (prior: x_0 without clipping; decoder: its ε or x_0 with the learned variance;
+super-resolution: its ε or x_0 with the fixed small variance). A prior alone exports as a `KandinskyV22PriorPipeline` folder, which
 also needs the CLIP's image tower (`image_encoder/`, `image_processor/`).
 
 The networks and their inputs are ours exactly (tested stage by stage). What the pipelines do that
@@ -16,7 +16,7 @@ N, and apply guidance to the decoder only through one scale for both halves; so 
 equal, the networks' calls are.
 
 What cannot export, and why (each an error that says so): a prior or decoder on unit CLIP vectors
-(the pipelines feed raw ones), a decoder not in Karlo's layout or not predicting ε, an upsampler that
+(the pipelines feed raw ones), a decoder not in Karlo's layout, or one predicting v, an upsampler that
 reads the CLIP image embedding (the pipeline's super-resolution call passes none) or predicts v, and,
 for the prior pipeline, a CLIP whose image tower is not a ViT (the default CLIP's ResNet).
 """
@@ -187,10 +187,12 @@ def export_diffusers(models: str | Path, out: str | Path) -> list[str]:
     if not (models / "prior" / "config.json").is_file():
         raise FileNotFoundError(f"no exported prior in {models}/prior: run `make train-prior` first")
     stages = [s for s in ("decoder", "upsampler") if (models / s / "config.json").is_file()]
+    why = f"no {' or '.join(sorted({'decoder', 'upsampler'} - set(stages)))} in {models}"
     if stages == ["decoder", "upsampler"]:
-        export_unclip_pipeline(models, out)
-        return [f"prior, decoder, upsampler → {out}/ (UnCLIPPipeline.from_pretrained('{out}'))"]
+        try:
+            export_unclip_pipeline(models, out)
+            return [f"prior, decoder, upsampler → {out}/ (UnCLIPPipeline.from_pretrained('{out}'))"]
+        except ConfigError as err:  # the prior may still export alone (checked again below)
+            why = str(err)
     export_prior_pipeline(models / "prior", out)
-    missing = sorted({"decoder", "upsampler"} - set(stages))
-    line = f"prior → {out}/ (KandinskyV22PriorPipeline.from_pretrained('{out}')); "
-    return [line + f"no {' or '.join(missing)} in {models}, so no UnCLIPPipeline"]
+    return [f"prior → {out}/ (KandinskyV22PriorPipeline.from_pretrained('{out}')); no UnCLIPPipeline: {why}"]

@@ -37,7 +37,7 @@ class UnCLIP:
         self.encoder, self.decoder, self.prior, self.upsampler = encoder, decoder, prior, upsampler
         self.upsampler_embedding = upsampler_embedding
         self.raw = bool(decoder.config.raw)  # the decoder reads raw CLIP vectors (Karlo's layout)
-        if self.raw and prior is not None and not prior.config.raw:
+        if self.raw and decoder.condition == "image" and prior is not None and not prior.config.raw:
             raise ConfigError(
                 "the decoder reads raw CLIP vectors (Karlo's layout) and the prior gives unit ones (clip_space unit): "
                 "retrain the prior with prior.clip_space: raw"

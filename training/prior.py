@@ -1,7 +1,7 @@
 """`make train-prior`: the diffusion prior (text → CLIP image embedding), streaming embedding shards.
 
 The LightningModule holds the loss (MSE on x_0, the image embedding in the prior's normalised space:
-√D·z_i for priors trained from scratch, unCLIP §2.2), classifier-free dropout of the caption (10%: the
+√D·z_i for unit-space priors, (z_i − clip_mean)/clip_std for raw-space ones, unCLIP §2.2), classifier-free dropout of the caption (10%: the
 empty caption in its place, training/conditioning.py), AdamW, and an EMA copy of the network used for
 evaluation, sampling and export. `init_from` starts from published weights (training/published.py).
 A prior in raw CLIP space (`clip_space: raw`, the exportable configs' and every published prior's) reads

@@ -62,7 +62,8 @@ def _device(net: torch.nn.Module) -> torch.device:
 
 
 class PriorSampler:
-    """A prior ready to sample: text embedding → unit CLIP image embedding (unCLIP §2.2)."""
+    """A prior ready to sample: text embedding → CLIP image embedding, unit (or raw for a raw-space prior) (unCLIP
+    §2.2)."""
 
     def __init__(self, net: DiffusionPrior, text: FrozenText, sampling: PriorSampling | dict | None = None):
         self.net, self.text, self.sampling = net, text, sampling_of(PriorSampling, sampling)
