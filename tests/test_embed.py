@@ -200,3 +200,20 @@ def test_device_preprocessing_matches_open_clips_transform(tiny_clip_dir):
     levels = ((on_device - reference) * std * 255).abs()
     assert float(levels.max()) < 1.5 and float(levels.mean()) < 0.1
     assert float(levels[3].max()) < 1e-3
+
+
+def test_shards_without_norm_columns_are_refused_by_name_before_raw_training(tiny_embed, tmp_path):
+    """A model reading raw CLIP vectors checks every shard's norm columns before it trains (older or imported
+    embeddings lack them): the shard is named; shards with them pass."""
+    import pyarrow.parquet as pq
+
+    from training.data import embedding_shards, require_norm_columns
+    from training.streaming import Shard
+
+    config, _ = tiny_embed
+    shards = embedding_shards(config.layout.embeddings, "train")
+    require_norm_columns(shards)
+    old = tmp_path / "00000.parquet"
+    pq.write_table(store.read_shard(shards[0].path).drop_columns(["text_norm"]), old)
+    with pytest.raises(ConfigError, match=r"00000.parquet carry no text_norm column"):
+        require_norm_columns(shards[1:] + [Shard(str(old), shards[0].count)])

@@ -87,6 +87,13 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") ->
     return shards
 
 
+def require_norm_columns(shards: list[Shard]) -> None:
+    """Refuse, before training, embedding shards that lack the norm columns a model reading raw CLIP vectors
+    (unit × norm) needs; the error names the shard."""
+    for shard in shards:
+        store.require_norms(store.shard_file(shard.path).schema_arrow.names, str(shard.path))
+
+
 def read_parquet_range(shard: Shard, start: int, stop: int, columns: list[str] | None = None) -> Iterator[dict]:
     """Rows start..stop-1 of an embedding shard as dicts (embeddings as float32 row vectors)."""
     table = store.read_shard(shard.path, columns=columns).slice(start, stop - start)

@@ -15,7 +15,7 @@ import lightning as L
 
 from embeddings import store
 from training.conditioning import fit_text_tokens
-from training.data import embedding_shards
+from training.data import embedding_shards, require_norm_columns
 from training.decoder import DecoderModule, UpsamplerModule
 from training.decoder_data import ImageEmbeddingDataModule
 from training.decoder_net import DecoderConfig, UpsamplerConfig
@@ -87,8 +87,8 @@ def _fit(module, run: ExportRun, parts: dict, manifest: dict) -> dict:
     )
     for split in ("train", datamodule.val_split):  # the join reads every tar and shard now: damage is named here
         datamodule.shards(split)
-        for shard in embedding_shards(layout.embeddings, split) if raw else ():
-            store.require_norms(store.shard_file(shard.path).schema_arrow.names, str(shard.path))
+        if raw:  # a decoder in Karlo's layout reads unit × norm
+            require_norm_columns(embedding_shards(layout.embeddings, split))
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     # The final val loss and sample grid; every rank takes part (under DDP the val loss is averaged over ranks).

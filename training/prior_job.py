@@ -16,7 +16,7 @@ from embeddings import store
 from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
 from training.export import save_export
-from training.data import embedding_shards
+from training.data import embedding_shards, require_norm_columns
 from training.prior import PriorDataModule, PriorModule, raw_statistics, to_batch
 from training.prior_net import PriorConfig
 from training.published import checked_prior_sizes, statistics_fit
@@ -73,8 +73,8 @@ def train_prior(**settings) -> dict:
     datamodule = PriorDataModule(str(layout.embeddings), **parts["data"], raw_norms=raw)
     for split in ("train", datamodule.val_split):  # every shard's footer read: a damaged one is named now
         shards = embedding_shards(layout.embeddings, split)
-        for shard in shards if raw else ():  # a prior in raw CLIP space reads unit × norm
-            store.require_norms(store.shard_file(shard.path).schema_arrow.names, str(shard.path))
+        if raw:  # a prior in raw CLIP space reads unit × norm
+            require_norm_columns(shards)
     if hp["init_from"]:
         report_statistics(module.net, datamodule.val_rows())
     elif raw:  # from scratch in raw CLIP space: the data's own statistics (a resumed run restores the same)
