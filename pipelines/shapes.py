@@ -47,6 +47,9 @@ SCENE_COLUMNS = (
     "size_2",
     "position_2",
 )
+# Which attributes a row's caption names: SCENE_COLUMNS names separated by spaces ("background colour
+# shape"); the rest of the scene is left open by the caption.
+NAMED_COLUMN = "named"
 SIZES = {"small": 0.30, "large": 0.46}  # object extent as a fraction of the image side
 POSITIONS = {  # object centre as (x, y) fractions of the image side
     "top left": (0.25, 0.25),
@@ -67,12 +70,34 @@ HELDOUT_PAIRS = frozenset(
         ("orange", "diamond"),
     }
 )
-CAPTION_TEMPLATES = (
-    "a {size} {colour} {shape} {where} on a {background} background",
-    "a {colour} {shape} {where}, {size}, on {background}",
-    "{background} background with a {size} {colour} {shape} {where}",
-    "a {size} {shape} in {colour}, {where}, {background} background",
-)
+# How often a caption names each attribute (the synthetic source's `naming` default): colour and shape
+# nearly always, size and position about half the time, the background less often; `second_object` is
+# how often a two-object caption mentions the second object at all. What a caption leaves open is
+# what the image embedding has to carry (and what a sampled prior can vary).
+NAMING = {"colour": 0.95, "shape": 0.95, "size": 0.5, "position": 0.5, "background": 0.3, "second_object": 0.7}
+NAMEABLE = ("colour", "shape", "size", "position", "background")
+# Wording: each attribute value has several phrasings; the first is the canonical one (zero-shot
+# prompts, `caption(scene)` without a generator).
+SHAPE_WORDS = {
+    "circle": ("circle", "disc", "round shape"),
+    "square": ("square", "box"),
+    "triangle": ("triangle", "three-sided shape"),
+    "star": ("star", "five-pointed star"),
+    "cross": ("cross", "plus sign"),
+    "diamond": ("diamond", "rhombus"),
+}
+UNNAMED_SHAPE_WORDS = ("shape", "object", "thing", "figure")
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+POSITION_WORDS = {
+    "top left": ("at the top left", "in the top left corner", "in the upper left"),
+    "top right": ("at the top right", "in the top right corner", "in the upper right"),
+    "bottom left": ("at the bottom left", "in the bottom left corner", "in the lower left"),
+    "bottom right": ("at the bottom right", "in the bottom right corner", "in the lower right"),
+    "center": ("in the center", "in the middle", "centred"),
+}
+BACKGROUND_AFTER = ("on a {} background", "against {}", "on {}", "over a {} backdrop")
+BACKGROUND_BEFORE = ("{} background with", "on {},", "against {}:")
+JOINERS = ("and", "and also", "next to")
 _SUPERSAMPLE = 4
 _MIN_COLOUR_DISTANCE = 90.0  # RGB distance below which an object colour counts as the background
 
@@ -108,31 +133,75 @@ def colours_allowed_on(background: str) -> list[str]:
 
 
 def where_phrase(position: str) -> str:
-    """'at the top left', 'in the center'."""
-    return "in the center" if position == "center" else f"at the {position}"
+    """'at the top left', 'in the center': the canonical phrase of a position."""
+    return POSITION_WORDS[position][0]
 
 
-def caption(scene: Scene, template: int = 0) -> str:
-    """Compose a caption from the scene's attributes with one of CAPTION_TEMPLATES."""
-    parts = []
-    for obj in scene.objects:
-        text = CAPTION_TEMPLATES[template % len(CAPTION_TEMPLATES)].format(
-            size=obj.size,
-            colour=obj.colour,
-            shape=obj.shape,
-            where=where_phrase(obj.position),
-            background=scene.background,
-        )
-        parts.append(text)
-    if len(parts) == 1:
-        return parts[0]
-    # Two objects: describe both, the background once.
-    first, second = scene.objects
-    return (
-        f"a {first.size} {first.colour} {first.shape} {where_phrase(first.position)} and "
-        f"a {second.size} {second.colour} {second.shape} {where_phrase(second.position)} "
-        f"on a {scene.background} background"
-    )
+def _pick(options: tuple[str, ...], rng: np.random.Generator | None) -> str:
+    return options[0] if rng is None else options[int(rng.integers(len(options)))]
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _object_phrase(obj: ShapeObject, named: set[str], suffix: str, rng: np.random.Generator | None) -> str:
+    """'a small red circle at the top left' with only the attributes in `named` (names + suffix)."""
+    has = lambda attribute: attribute + suffix in named  # noqa: E731
+    noun = _pick(SHAPE_WORDS[obj.shape], rng) if has("shape") else _pick(UNNAMED_SHAPE_WORDS, rng)
+    size = _pick(SIZE_WORDS[obj.size], rng) if has("size") else None
+    colour = obj.colour if has("colour") else None
+    form = 0 if rng is None else int(rng.integers(3))
+    if form == 1 and size:  # 'a red circle, small,'
+        text = _with_article(" ".join(w for w in (colour, noun) if w)) + f", {size},"
+    elif form == 2 and colour:  # 'a small circle in red'
+        text = _with_article(" ".join(w for w in (size, noun) if w)) + f" in {colour}"
+    else:  # 'a small red circle'
+        text = _with_article(" ".join(w for w in (size, colour, noun) if w))
+    if has("position"):
+        text += " " + _pick(POSITION_WORDS[obj.position], rng)
+    return text.rstrip(",")
+
+
+def choose_named(scene: Scene, rng: np.random.Generator, naming: dict[str, float] | None = None) -> tuple[str, ...]:
+    """Which attributes a caption of `scene` names, each drawn with its `naming` probability (NAMING by
+    default). Names are SCENE_COLUMNS names ('colour', 'shape_2', 'background'); the first object always
+    keeps at least its shape or colour, so every caption says what it is about."""
+    naming = {**NAMING, **(naming or {})}
+    named = ["background"] if rng.random() < naming["background"] else []
+    for i, _ in enumerate(scene.objects):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        if i > 0 and rng.random() >= naming["second_object"]:
+            break
+        chosen = [a for a in NAMEABLE[:4] if rng.random() < naming[a]]
+        if not {"colour", "shape"} & set(chosen):
+            chosen.append("shape")
+        named += [a + suffix for a in chosen]
+    return tuple(sorted(named))
+
+
+def caption(
+    scene: Scene, named: tuple[str, ...] | set[str] | None = None, rng: np.random.Generator | None = None
+) -> str:
+    """A caption of `scene` naming the attributes in `named` (default: all of them), worded by `rng`
+    (synonyms and word orders; without one, the canonical wording:
+    'a small red circle at the top left on a black background')."""
+    if named is None:
+        named = {a + ("" if i == 0 else f"_{i + 1}") for i in range(len(scene.objects)) for a in NAMEABLE[:4]}
+        named |= {"background"}
+    named = set(named)
+    objects = [
+        _object_phrase(obj, named, "" if i == 0 else f"_{i + 1}", rng)
+        for i, obj in enumerate(scene.objects)
+        if i == 0 or any(a.endswith(f"_{i + 1}") for a in named)
+    ]
+    joiner = _pick(JOINERS, rng)
+    text = f" {joiner} ".join(objects)
+    if "background" not in named:
+        return text
+    if rng is not None and rng.random() < 0.3:  # background first: 'navy background with a red circle'
+        return _pick(BACKGROUND_BEFORE, rng).format(scene.background) + " " + text
+    return text + " " + _pick(BACKGROUND_AFTER, rng).format(scene.background)
 
 
 def sample_scene(rng: np.random.Generator, *, n_objects: int = 1, heldout: bool = False) -> Scene:

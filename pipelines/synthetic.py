@@ -3,7 +3,8 @@
 Writes under data/<name>/:
     source/images/sNNNNNNN.jpg   the images the local server serves (and the planned bad files)
     source/source.json           what was planned: counts per split, the bad URLs and their kinds
-    urls.parquet                 url (relative to data/<name>/), caption, split, sample_id, attributes
+    urls.parquet                 url (relative to data/<name>/), caption, split, sample_id, attributes,
+                                 and `named`: the attributes the caption names (the rest it leaves open)
 
 Rows are ordered val, heldout, train, and the first two are whole shards, so no shard mixes
 splits. Each sample has its own random generator seeded by (seed, index): the same seed gives
@@ -51,12 +52,27 @@ def plan_bad(n_samples: int, bad_fraction: float, seed: int) -> dict[int, str]:
     return {int(row): BAD_KINDS[i % len(BAD_KINDS)] for i, row in enumerate(sorted(rows))}
 
 
-def sample_row(index: int, split: str, seed: int, two_object_fraction: float) -> tuple[shapes.Scene, str]:
-    """The scene and caption of row `index`, from its own generator."""
+def sample_row(
+    index: int, split: str, seed: int, two_object_fraction: float, naming: dict[str, float] | None = None
+) -> tuple[shapes.Scene, str, tuple[str, ...]]:
+    """The scene of row `index`, its caption and the attributes the caption names, from the row's own generator."""
     rng = np.random.default_rng([seed, index])
     n_objects = 2 if split != "heldout" and rng.random() < two_object_fraction else 1
     scene = shapes.sample_scene(rng, n_objects=n_objects, heldout=split == "heldout")
-    return scene, shapes.caption(scene, int(rng.integers(len(shapes.CAPTION_TEMPLATES))))
+    named = shapes.choose_named(scene, rng, naming)
+    return scene, shapes.caption(scene, named, rng), named
+
+
+def check_naming(naming: dict | None) -> dict[str, float]:
+    """NAMING updated with `naming`, refusing unknown keys and probabilities outside [0, 1]."""
+    naming = dict(naming or {})
+    unknown = sorted(set(naming) - set(shapes.NAMING))
+    if unknown:
+        raise ValueError(f"synthetic.naming: unknown key {unknown[0]!r}; known: {', '.join(shapes.NAMING)}")
+    for key, p in naming.items():
+        if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"synthetic.naming.{key} = {p!r}: a probability in [0, 1] is expected")
+    return {**shapes.NAMING, **{k: float(v) for k, v in naming.items()}}
 
 
 def _attributes(scene: shapes.Scene) -> dict:
@@ -71,13 +87,14 @@ def _attributes(scene: shapes.Scene) -> dict:
 
 def _render_chunk(job: tuple) -> list[dict]:
     """Render rows [start, stop) to files (bad rows as their planned failure); returns their URL rows."""
-    start, stop, splits, bad, seed, two_object_fraction, image_size, quality, root, prefix = job
+    start, stop, splits, bad, seed, two_object_fraction, naming, image_size, quality, root, prefix = job
     rows = []
     for index in range(start, stop):
         split = splits[index - start]
-        scene, text = sample_row(index, split, seed, two_object_fraction)
+        scene, text, named = sample_row(index, split, seed, two_object_fraction, naming)
         url = f"{prefix}/{sample_id(index)}.jpg"
-        rows.append({"url": url, "caption": text, "split": split, "sample_id": sample_id(index), **_attributes(scene)})
+        row = {"url": url, "caption": text, "split": split, "sample_id": sample_id(index), **_attributes(scene)}
+        rows.append({**row, shapes.NAMED_COLUMN: " ".join(named)})
         path, kind = Path(root) / url, bad.get(index)
         if kind == "404":
             path.unlink(missing_ok=True)
@@ -103,12 +120,16 @@ def generate(
     val_samples: int = 1_500,
     heldout_samples: int = 500,
     two_object_fraction: float = 0.2,
+    naming: dict[str, float] | None = None,
     bad_fraction: float = 0.02,
     seed: int = 0,
     jpeg_quality: int = 95,
     workers: int | None = None,
 ) -> dict:
-    """Render the source into `output_dir` (= data/<name>) and write urls.parquet; returns the plan."""
+    """Render the source into `output_dir` (= data/<name>) and write urls.parquet; returns the plan.
+
+    `naming` overrides shapes.NAMING: how often a caption names each attribute."""
+    naming = check_naming(naming)
     layout = DataLayout(Path(output_dir))
     images = layout.source / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -125,6 +146,7 @@ def generate(
             {i: k for i, k in bad.items() if s <= i < s + chunk},
             seed,
             two_object_fraction,
+            naming,
             image_size,
             jpeg_quality,
             str(layout.root),
@@ -148,6 +170,7 @@ def generate(
         "seed": seed,
         "splits": {s: splits.count(s) for s in SPLITS},
         "bad": {sample_id(i): kind for i, kind in sorted(bad.items())},
+        "naming": naming,
         "heldout_pairs": sorted(map(list, shapes.HELDOUT_PAIRS)),
     }
     write_bytes(layout.source / "source.json", json.dumps(plan, indent=1, sort_keys=True).encode())
@@ -156,5 +179,5 @@ def generate(
 
 def _schema() -> pa.Schema:
     """Column types of urls.parquet: strings, and n_objects as int32."""
-    names = ["url", "caption", "split", "sample_id", *shapes.SCENE_COLUMNS]
+    names = ["url", "caption", "split", "sample_id", *shapes.SCENE_COLUMNS, shapes.NAMED_COLUMN]
     return pa.schema([pa.field(n, pa.int32() if n == "n_objects" else pa.string()) for n in names])

@@ -83,7 +83,7 @@ def captioned_folder(root, n: int = 48):
             image = image.convert("RGBA")
             image.putalpha(200)
         image.save(folder / f"img{i:03d}.png" if i % 5 == 0 else folder / f"img{i:03d}.jpg")
-        text = caption(scene, i) + (" — ünïcode ✓" if i == 1 else "")
+        text = caption(scene) + (" — ünïcode ✓" if i == 1 else "")
         (folder / f"img{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
     Image.new("RGB", (40, 40)).save(root / "set0" / "no-caption.jpg")
     return root

@@ -83,8 +83,54 @@ def test_sampler_keeps_heldout_pairs_apart(heldout):
             assert obj.colour in shapes.colours_allowed_on(scene.background)
 
 
-def test_captions_name_the_attributes():
-    obj = ShapeObject("cross", "pink", "small", "center")
-    for template in range(len(shapes.CAPTION_TEMPLATES)):
-        text = shapes.caption(Scene("black", (obj,)), template)
-        assert all(word in text for word in ("cross", "pink", "small", "center", "black"))
+def _words_of(attribute: str, value: str) -> tuple[str, ...]:
+    """Every phrase a caption may use for `value` of `attribute`."""
+    return {
+        "colour": (value,),
+        "shape": shapes.SHAPE_WORDS.get(value, ()),
+        "size": shapes.SIZE_WORDS.get(value, ()),
+        "position": shapes.POSITION_WORDS.get(value, ()),
+        "background": (value,),
+    }[attribute]
+
+
+def test_the_canonical_caption_names_everything_in_one_wording():
+    obj = ShapeObject("cross", "orange", "small", "center")
+    assert shapes.caption(Scene("black", (obj,))) == "a small orange cross in the center on a black background"
+    assert shapes.caption(Scene("black", (obj,)), {"colour", "shape"}) == "an orange cross"
+
+
+def test_captions_name_exactly_the_chosen_attributes_in_varied_wording():
+    rng = np.random.default_rng(3)
+    texts, counts = set(), dict.fromkeys(shapes.NAMEABLE, 0)
+    n = 600
+    for _ in range(n):
+        scene = shapes.sample_scene(rng, n_objects=1)
+        named = shapes.choose_named(scene, rng)
+        text = shapes.caption(scene, named, rng)
+        texts.add(text.split(" ")[0] + " " + text.split(" ")[-1])  # crude signature of the word order
+        obj = scene.objects[0]
+        values = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "position": obj.position}
+        values["background"] = scene.background
+        assert {"colour", "shape"} & set(named), text
+        for attribute, value in values.items():
+            said = any(word in text for word in _words_of(attribute, value))
+            assert said == (attribute in named), (attribute, named, text)
+            counts[attribute] += attribute in named
+    for attribute, p in shapes.NAMING.items():
+        if attribute in counts:  # the shape is added when neither colour nor shape was drawn
+            assert abs(counts[attribute] / n - p) < 0.06 + (attribute == "shape") * 0.01, (attribute, counts)
+    assert len(texts) > 20
+
+
+def test_two_object_captions_sometimes_mention_one_object():
+    rng = np.random.default_rng(4)
+    mentions = []
+    for _ in range(300):
+        scene = shapes.sample_scene(rng, n_objects=2)
+        named = shapes.choose_named(scene, rng)
+        mentions.append(any(a.endswith("_2") for a in named))
+        if not mentions[-1]:
+            text = shapes.caption(scene, named, rng)
+            assert not any(w in text for w in ("and", "next to")), text
+    assert abs(np.mean(mentions) - shapes.NAMING["second_object"]) < 0.08

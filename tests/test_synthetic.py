@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -49,7 +50,32 @@ def test_rows_carry_attributes_and_mostly_one_object(tiny_source):
     singles = [r for r in rows if r["n_objects"] == 1]
     assert 0.6 < len(singles) / len(rows) < 0.95
     for r in singles:
-        assert r["colour"] in r["caption"] and r["shape"] in r["caption"] and r["shape_2"] is None
+        named = r[shapes.NAMED_COLUMN].split()
+        assert ("colour" in named) == (r["colour"] in r["caption"]) and r["shape_2"] is None
+        assert ("background" in named) == (r["background"] in r["caption"])
+    # Captions leave attributes open: some name the background, most do not.
+    assert 0.1 < sum("background" in r[shapes.NAMED_COLUMN].split() for r in rows) / len(rows) < 0.5
+
+
+def test_naming_probabilities_are_config_keys(tmp_path):
+    kwargs = dict(n_samples=60, samples_per_shard=20, val_samples=20, heldout_samples=20, workers=1)
+    synthetic.generate(tmp_path / "all", naming={k: 1.0 for k in shapes.NAMING}, **kwargs)
+    rows = pq.read_table(tmp_path / "all" / "urls.parquet").to_pylist()
+    for r in rows:
+        scene = shapes.Scene(
+            r["background"],
+            tuple(
+                shapes.ShapeObject(r["shape" + s], r["colour" + s], r["size" + s], r["position" + s])
+                for s in ("", "_2")[: r["n_objects"]]
+            ),
+        )
+        assert set(r[shapes.NAMED_COLUMN].split()) == set(
+            shapes.choose_named(scene, np.random.default_rng(0), {k: 1.0 for k in shapes.NAMING})
+        )
+    with pytest.raises(ValueError, match="unknown key 'colours'"):
+        synthetic.generate(tmp_path / "bad", naming={"colours": 0.5}, **kwargs)
+    with pytest.raises(ValueError, match="probability"):
+        synthetic.generate(tmp_path / "bad", naming={"size": 1.5}, **kwargs)
 
 
 def test_planned_failures_are_about_two_percent_in_three_kinds(tiny_source):

@@ -19,7 +19,7 @@ ATTRIBUTES = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES)}
 
 
 def prompts_for(attribute: str, value: str) -> list[str]:
-    """Every template-0 caption whose `attribute` equals `value`."""
+    """Every canonical full caption whose `attribute` equals `value`."""
     grid = {
         "colour": list(shapes.COLOURS),
         "shape": list(shapes.SHAPES),
@@ -29,7 +29,7 @@ def prompts_for(attribute: str, value: str) -> list[str]:
     }
     grid[attribute] = [value]
     return [
-        shapes.CAPTION_TEMPLATES[0].format(colour=c, shape=s, size=z, where=shapes.where_phrase(p), background=b)
+        shapes.caption(shapes.Scene(b, (shapes.ShapeObject(s, c, z, p),)))
         for c, s, z, p, b in itertools.product(
             grid["colour"], grid["shape"], grid["size"], grid["position"], grid["background"]
         )
@@ -66,13 +66,18 @@ def text_to_image_recall(image_z: np.ndarray, text_z: np.ndarray, k: int = 10) -
 
 def evaluate_clip(image_z, text_z, rows: list[dict], encode_text, pairs: int = 1000) -> dict:
     """Zero-shot accuracy on single-object rows of the shapes world (none elsewhere: your own data has no
-    attributes to check) and recall@10 among the first `pairs` pairs."""
+    attributes to check), recall@10 among the first `pairs` pairs, and the mean cosine of a caption to its own
+    image, to the next pair's image, and of two images (the next pair's)."""
     single = [i for i, r in enumerate(rows) if r.get("n_objects") == 1 and all(a in r for a in ATTRIBUTES)]
     metrics = {}
     if single:
         metrics = zero_shot(image_z[single], {a: [rows[i][a] for i in single] for a in ATTRIBUTES}, encode_text)
     n = min(pairs, len(rows))
     metrics["recall_at_10"] = text_to_image_recall(image_z[:n], text_z[:n], 10)
+    # How close a caption sits to its own image, against another pair's image and against another image.
+    metrics["paired_cosine"] = float((text_z[:n] * image_z[:n]).sum(1).mean())
+    metrics["random_pair_cosine"] = float((text_z[:n] * np.roll(image_z[:n], 1, axis=0)).sum(1).mean())
+    metrics["random_images_cosine"] = float((image_z[:n] * np.roll(image_z[:n], 1, axis=0)).sum(1).mean())
     metrics["single_object_images"] = len(single)
     metrics["recall_pairs"] = n
     return metrics
