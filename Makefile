@@ -89,8 +89,9 @@ demo: setup ## the whole pipeline on the embedded default (committed CLIP): data
 	@start=$$(date +%s); stage() { s=$$(date +%s); $(MAKE) --no-print-directory "$$@" || exit 1; \
 		echo "[demo] $$* done in $$(( $$(date +%s) - s )) s (total $$(( $$(date +%s) - start )) s)"; }; \
 	stage data download embed index eval-clip && \
-	stage train-prior SET=max_steps=1200 && stage train-decoder SET=max_steps=800 && stage train-upsampler SET=max_steps=400 && \
-	stage train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml SET=max_steps=800 && \
+	stage train-prior SET="max_steps=1200 max_time=00:03:00" && stage train-decoder SET="max_steps=800 max_time=00:07:00" && \
+	stage train-upsampler SET="max_steps=400 max_time=00:03:00" && \
+	stage train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml SET="max_steps=800 max_time=00:07:00" && \
 	stage sample PROMPTS=$(DEMO_PROMPTS) N=4 OUT=$(DEMO_OUT)/sample.png && \
 	stage eval OUT=$(DEMO_OUT) && \
 	stage knn QUERY="$$(head -1 $(DEMO_PROMPTS))" KNN_OUT=$(DEMO_OUT) && \

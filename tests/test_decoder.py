@@ -275,14 +275,27 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
     assert cells == expected | {("unclip_full", 3.0, "val"), ("unclip_full", 3.0, "heldout")}
     for r in summary["results"]:
         assert r["images"] == 6  # 3 captions, 2 images each
-        for attribute in ("colour", "shape", "size", "position"):  # a share of the 6 images the checker read
-            assert r[f"{attribute}_accuracy"] * 6 == pytest.approx(round(r[f"{attribute}_accuracy"] * 6))
+        assert len(r["fidelity_per_caption"]) == 3 and 0 <= r["fidelity"] <= 1
+        low, high = r["fidelity_interval"]
+        assert low <= r["fidelity"] <= high
+        for attribute in ("colour", "shape"):  # captions name them nearly always: a share of 2 images per caption
+            if r[f"{attribute}_accuracy"] is not None:
+                assert r[f"{attribute}_accuracy"] * 6 == pytest.approx(round(r[f"{attribute}_accuracy"] * 6))
         assert r["diversity_pixels"] > 0 and r["diversity_clip"] > 0  # each caption's two seeds differ
     assert {k: len(v) for k, v in summary["diversity_at_equal_clip_score"].items()} == {"pixels": 4, "clip": 4}
+    assert {(d["split"], d["guidance"]) for d in summary["unclip_minus_glide_like"]} == {
+        (split, g) for split in ("val", "heldout") for g in (1.0, 3.0)
+    }
+    prior = summary["prior"]
+    assert prior["captions"] > 3 and prior["samples_per_caption"] == 8
+    assert prior["text_embedding"]["open_diversity"] in (0.0, None)  # one embedding per caption: no spread
+    assert -1 <= prior["cosine_unrelated"] <= 1 and 0 <= prior["prior"]["fidelity"] <= 1
+    assert "Δ open diversity" in (tmp_path / "eval" / "table.md").read_text()
     for name in (
         "metrics.json",
         "table.md",
         "guidance.png",
+        "diversity_fidelity.png",
         "samples-heldout-unclip.png",
         "samples-val-glide_like.png",
     ):

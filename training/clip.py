@@ -25,7 +25,14 @@ from embeddings.tars import iter_tar_samples
 from training.clip_eval import evaluate_clip
 from training.data import decode_image, read_tar_range, tar_shards
 from training.settings import JobSpec, Run
-from training.trainer import StreamingDataModule, StreamingModule, build_trainer, resume_checkpoint, warmup_cosine
+from training.trainer import (
+    StreamingDataModule,
+    StreamingModule,
+    build_trainer,
+    resume_checkpoint,
+    steps_reached,
+    warmup_cosine,
+)
 
 
 def image_transform(model_cfg: dict):
@@ -221,7 +228,7 @@ def train_clip(**settings) -> dict:
     datamodule = ClipDataModule(str(layout.shards), **parts["data"])
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
-    metrics = {"step": trainer.global_step, **getattr(module, "metrics", {})}
+    metrics = {**steps_reached(trainer), **getattr(module, "metrics", {})}
     if trainer.is_global_zero:
         dtype = {"float32": torch.float32, "float16": torch.float16}[run.export_dtype]
         extra = {"unclip": {"trained_on": run.data, "steps": trainer.global_step, "seed": seed, "metrics": metrics}}

@@ -23,7 +23,7 @@ from training.export import save_export
 from training.published import checked_decoder_sizes, upsampler_sizes
 from training.samplers import DecoderSampling, UpsamplerSampling
 from training.settings import ExportRun, JobSpec, check_dim, clip_record
-from training.trainer import build_trainer, resume_checkpoint
+from training.trainer import build_trainer, resume_checkpoint, steps_reached
 
 _SET_BY_JOB = ("clip", "shards_dir", "embeddings_dir", "image_size", "raw_norms", "run_dir", "callbacks")
 DECODER_JOB = JobSpec(
@@ -91,12 +91,13 @@ def _fit(module, run: ExportRun, parts: dict, manifest: dict) -> dict:
             require_norm_columns(embedding_shards(layout.embeddings, split))
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
+    reached = steps_reached(trainer)
     # The final val loss and sample grid; every rank takes part (under DDP the val loss is averaged over ranks).
     trainer.validate(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
         return {"step": trainer.global_step}
     metrics = {
-        "step": trainer.global_step,
+        **reached,
         "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
         "join": {split: vars(report) for split, report in datamodule.reports.items()},
     }

@@ -157,7 +157,8 @@ def metrics_of(rows: list[dict]) -> dict:
 
 def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scenes: list | None = None) -> dict:
     """Mean cosine to the true image embedding, and the true image's rank among all images (R@1, R@10),
-    for the predicted embeddings next to the text embeddings (the baseline).
+    for the predicted embeddings next to the text embeddings (the baseline); `cosine_unrelated` is the
+    predicted embedding's cosine to the next pair's image (LAION's third figure).
 
     With `scenes` (one label per pair, equal labels = images of the same described content, e.g. the
     synthetic source's attributes), `r_at_1_distinct_*` also ranks the true image only against images
@@ -169,6 +170,8 @@ def evaluate_prior(predicted: np.ndarray, z_i: np.ndarray, z_t: np.ndarray, scen
     for name, query in (("predicted", predicted), ("text", z_t)):
         query = query / np.linalg.norm(query, axis=1, keepdims=True)
         metrics[f"cosine_{name}"] = float((query * z_i).sum(1).mean())
+        if name == "predicted":  # to another pair's image: what "unrelated" scores
+            metrics["cosine_unrelated"] = float((query * np.roll(z_i, 1, axis=0)).sum(1).mean())
         scores = query @ z_i.T
         above = scores > np.diag(scores)[:, None]
         rank = above.sum(1)

@@ -15,14 +15,14 @@ import lightning as L
 from embeddings import store
 from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
-from training.export import save_export
 from training.data import embedding_shards, require_norm_columns
+from training.export import save_export
 from training.prior import PriorDataModule, PriorModule, raw_statistics, to_batch
 from training.prior_net import PriorConfig
 from training.published import checked_prior_sizes, statistics_fit
 from training.samplers import PriorSampling
 from training.settings import JobSpec, Run, check_dim, clip_record
-from training.trainer import build_trainer, resume_checkpoint
+from training.trainer import build_trainer, resume_checkpoint, steps_reached
 
 PRIOR_JOB = JobSpec(
     {"run": Run, "module": PriorModule, "data": PriorDataModule, "trainer": build_trainer},
@@ -81,12 +81,13 @@ def train_prior(**settings) -> dict:
         module.set_statistics(*raw_statistics(layout.embeddings))
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
+    reached = steps_reached(trainer)
     if not trainer.is_global_zero:
         return {"step": trainer.global_step}
     # The final figures, outside Lightning so no rank waits on another (on the training device: Lightning's
     # teardown has moved the module back to the CPU).
     module = module.to(trainer.strategy.root_device).eval()
-    metrics = {"step": trainer.global_step, **module.evaluate(to_batch(datamodule.val_rows()))}
+    metrics = {**reached, **module.evaluate(to_batch(datamodule.val_rows()))}
     folder = Path(run.models_root) / name / "prior"
     save_export(folder, "prior", module.ema, module.export_config(metrics), manifest["encoder"])
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

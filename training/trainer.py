@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -43,10 +44,33 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
     return resume
 
 
+def parse_max_time(value) -> timedelta | None:
+    """A wall-clock budget for training: 'HH:MM:SS', 'DD:HH:MM:SS' or a number of minutes (None: no budget)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return timedelta(minutes=value)
+    parts = str(value).split(":")
+    if 3 <= len(parts) <= 4 and all(p.strip().isdigit() for p in parts):
+        days, hours, minutes, seconds = ([0] * (4 - len(parts))) + [int(p) for p in parts]
+        if days or hours or minutes or seconds:
+            return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    raise ConfigError(f"max_time = {value!r}: give 'HH:MM:SS', 'DD:HH:MM:SS' or minutes (> 0), or null for no budget")
+
+
+def steps_reached(trainer: L.Trainer) -> dict:
+    """Print and return how far training went: the step reached, and whether the wall-clock budget stopped it."""
+    by_time = not trainer.interrupted and trainer.global_step < trainer.max_steps
+    line = f"trained to step {trainer.global_step} of {trainer.max_steps}"
+    print(line + (" (the wall-clock budget max_time ran out first)" if by_time else ""))
+    return {"step": trainer.global_step, "stopped_by": "max_time" if by_time else "max_steps"}
+
+
 def build_trainer(
     run_dir: str | Path,
     *,
     max_steps: int,
+    max_time: str | float | None = None,
     precision: str = "auto",
     accelerator: str = "auto",
     devices: int | str = 1,
@@ -59,6 +83,8 @@ def build_trainer(
     launcher: str = "lightning",
 ) -> L.Trainer:
     """A Trainer that logs CSV and TensorBoard under run_dir, checkpoints every N steps and keeps last.ckpt.
+    It stops at `max_steps` or when `max_time` (parse_max_time; counted across resumes) is spent, whichever
+    comes first.
 
     launcher 'ray': this process is a Ray Train worker (training/launch.py); Ray's DDP strategy and
     cluster environment replace devices, num_nodes and strategy.
@@ -80,6 +106,7 @@ def build_trainer(
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_steps=max_steps,
+        max_time=parse_max_time(max_time),
         max_epochs=-1,
         precision=resolve_precision(precision, accelerator),
         accelerator=accelerator,

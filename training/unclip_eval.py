@@ -6,12 +6,20 @@ unCLIP goes text → prior → decoder(z_i) → upsampler; the baseline, the sam
 conditioned on the CLIP text embedding z_t in the same places, goes text → decoder(z_t) → upsampler.
 Per (system, scale, set) it measures:
 
-- attribute accuracy: the synthetic renderer's pixel checker (pipelines/shapes.py) names the colour,
-  shape, size and position of the largest object, compared with the caption's;
+- fidelity and open diversity (training/open_eval.py): the share of the attributes a caption names
+  that the pixel checker reads back, and how the images drawn for it spread over the attributes it
+  leaves open (background, position, size; normalised entropy), with bootstrap 95% intervals over
+  captions, and unCLIP − baseline over the same captions with paired intervals;
+- attribute accuracy: colour, shape, size and position of the largest object, over the captions that
+  name the attribute;
 - CLIP score: mean cosine between the generated image's CLIP embedding and the caption's;
 - Fréchet distance between generated and real image embeddings of the same split (CLIP space);
 - diversity: mean pairwise distance between the images drawn for the same caption, in pixels (RMS,
   0–1 scale) and in CLIP space (1 − cosine).
+
+The prior is also judged alone, decoding nothing: its samples for val captions against the true image
+embedding, the text embedding and an unrelated image (cosines), and classified by their nearest
+training image for fidelity and open diversity.
 
 Both systems go through the same upsampler without an image embedding, so the comparison is between
 the decoders; `unclip_full` is the whole unCLIP chain (its upsampler reading z_i) at the default scale.
@@ -27,25 +35,30 @@ from scipy import linalg
 
 from embeddings import store
 from pipelines import shapes
+from training import open_eval
 from training.grid import save_grid
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 
 
-def eval_rows(embeddings_dir: str | Path, split: str, n: int, seed: int = 0) -> tuple[list[dict], np.ndarray]:
-    """n single-object rows of `split` (a seeded choice), and every real image embedding of that split's
-    single-object rows (the Fréchet reference)."""
-    table = store.read_table(
-        embeddings_dir, ["key", "caption", "split", "n_objects", "background", *ATTRIBUTES, "image_embedding"]
-    )
-    rows = [r for r in table.to_pylist() if r["split"] == split and r["n_objects"] == 1]
+def eval_rows(table: list[dict], split: str, n: int, seed: int = 0) -> tuple[list[dict], np.ndarray]:
+    """n rows of `split` from single_object_rows (a seeded choice), and every real image embedding of that
+    split (the Fréchet reference)."""
+    rows = [r for r in table if r["split"] == split]
     if not rows:
-        raise ValueError(
-            f"no single-object {split} rows in {embeddings_dir}: `make eval` needs the synthetic source's attributes"
-        )
+        raise ValueError(f"no single-object {split} rows: `make eval` needs the synthetic source's attributes")
     chosen = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
     real = np.stack([np.asarray(r["image_embedding"], np.float32) for r in rows])
     return [rows[i] for i in sorted(chosen)], real
+
+
+def single_object_rows(embeddings_dir: str | Path) -> list[dict]:
+    """Every single-object row of the data set: key, caption, split, attributes, what the caption names, z_i."""
+    columns = ["key", "caption", "split", "n_objects", "background", *ATTRIBUTES, "image_embedding"]
+    paths = store.shard_paths(embeddings_dir)
+    named = bool(paths) and shapes.NAMED_COLUMN in store.shard_file(paths[0]).schema_arrow.names
+    table = store.read_table(embeddings_dir, columns + ([shapes.NAMED_COLUMN] if named else []))
+    return [r for r in table.to_pylist() if r["n_objects"] == 1]
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,17 +82,34 @@ def mean_pairwise(x: np.ndarray, groups: int, metric: str) -> float:
     return float(np.mean(values))
 
 
-def score(images: np.ndarray, rows: list[dict], per_caption: int, encoder, real: np.ndarray) -> dict:
-    """The metrics of images drawn per_caption at a time for `rows` (caption-major)."""
-    truth = [r for r in rows for _ in range(per_caption)]
-    checks = [
-        shapes.attribute_accuracy(image, shapes.ShapeObject(r["shape"], r["colour"], r["size"], r["position"]))
-        for image, r in zip(images, truth)
+def score(
+    images: np.ndarray, rows: list[dict], per_caption: int, encoder, real: np.ndarray, reference: dict[str, float]
+) -> dict:
+    """The metrics of images drawn per_caption at a time for `rows` (caption-major). Attribute accuracies
+    count the captions that name the attribute; fidelity and open diversity are open_eval's."""
+    readings = [open_eval.read_image(image) for image in images]
+    per_caption_scores = [
+        open_eval.caption_scores(readings[i * per_caption : (i + 1) * per_caption], row, reference)
+        for i, row in enumerate(rows)
     ]
+    summary = open_eval.summarise(per_caption_scores)
+    metrics = {f"{a}_accuracy": summary.pop(f"named_{a}_accuracy") for a in open_eval.CHECKED}
+    both = [c["hits"] for c in per_caption_scores if {"colour", "shape"} <= set(c["hits"])]
+    truth = [r for r in rows for _ in range(per_caption)]
     z_img = encoder.encode_images(encoder.preprocess_on_device(list(images))).numpy()
     z_txt = encoder.encode_texts([r["caption"] for r in truth]).numpy()
-    metrics = {f"{a}_accuracy": float(np.mean([c[a] for c in checks])) for a in ATTRIBUTES}
-    metrics["colour_shape_accuracy"] = float(np.mean([c["colour"] and c["shape"] for c in checks]))
+    metrics["colour_shape_accuracy"] = float(
+        np.mean(
+            [
+                reading["colour"] == r["colour"] and reading["shape"] == r["shape"]
+                for reading, r in zip(readings, truth)
+                if {"colour", "shape"} <= open_eval.named_of(r)
+            ]
+        )
+        if both
+        else float("nan")
+    )
+    metrics.update(summary)
     metrics["clip_score"] = float((z_img * z_txt).sum(1).mean())
     metrics["frechet_clip"] = frechet_distance(z_img, real)
     metrics["diversity_pixels"] = mean_pairwise(images.astype(np.float32) / 255, len(rows), "rms")
@@ -118,14 +148,17 @@ def evaluate(
     *,
     captions: int = 8,
     per_caption: int = 4,
-    guidance_scales: tuple[float, ...] = (1.0, 1.5, 3.0),
+    guidance_scales: tuple[float, ...] = (1.0, 2.0, 4.0),
     steps: int = 40,
     upsampler_steps: int = 8,
     baseline: str = "decoder-text",
+    prior_captions: int = 64,
+    prior_samples: int = 8,
     seed: int = 0,
     data_root: str | None = None,
 ) -> dict:
-    """Run the comparison; writes metrics.json, table.md, guidance.png, captions.txt and sample grids to out_dir."""
+    """Run the comparison; writes metrics.json, table.md, guidance.png, diversity_fidelity.png, captions.txt and
+    sample grids to out_dir. `prior_captions` val captions × `prior_samples` prior samples judge the prior alone."""
     from tqdm import tqdm
 
     from pipelines.data_config import load_data_config
@@ -149,7 +182,10 @@ def evaluate(
         print(
             f"no baseline decoder in {Path(models) / baseline}: run `make train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml`"
         )
-    sets = {split: eval_rows(layout.embeddings, split, captions, seed) for split in ("val", "heldout")}
+    table = single_object_rows(layout.embeddings)
+    sets = {split: eval_rows(table, split, captions, seed) for split in ("val", "heldout")}
+    train = [r for r in table if r["split"] == "train"]
+    reference = open_eval.reference_entropy(train)
     default_scale = float(full.decoder.sampling.guidance_scale)
     scales = sorted(set(map(float, guidance_scales)) | {default_scale})
     results = []
@@ -168,7 +204,7 @@ def evaluate(
                 "system": system,
                 "guidance": scale,
                 "split": split,
-                **score(images, rows, per_caption, full.encoder, real),
+                **score(images, rows, per_caption, full.encoder, real, reference),
             }
         )
         if scale == default_scale:
@@ -188,17 +224,114 @@ def evaluate(
             name: diversity_at_equal_clip_score(results, "unclip", "glide_like", f"diversity_{name}")
             for name in ("pixels", "clip")
         }
+        summary["unclip_minus_glide_like"] = differences(results, "unclip", "glide_like")
+    if full.prior is not None:
+        summary["prior"] = evaluate_prior_spread(full, table, prior_captions, prior_samples, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     store.write_json(out_dir / "metrics.json", summary)
-    (out_dir / "table.md").write_text(markdown_table(results) + "\n")
+    tables = [markdown_table(results)]
+    if "unclip_minus_glide_like" in summary:
+        tables.append(differences_table(summary["unclip_minus_glide_like"]))
+    if "prior" in summary:
+        tables.append(prior_table(summary["prior"]))
+    (out_dir / "table.md").write_text("\n\n".join(tables) + "\n")
     plot_guidance(results, out_dir / "guidance.png")
+    plot_diversity_fidelity(results, out_dir / "diversity_fidelity.png")
     captions_file = out_dir / "captions.txt"
     captions_file.write_text("".join(f"{split}: {r['caption']}\n" for split, (rows, _) in sets.items() for r in rows))
     return summary
 
 
+def differences(results: list[dict], system: str, baseline: str) -> list[dict]:
+    """Per (set, guidance): `system` − `baseline` in open diversity and fidelity over the same captions,
+    with paired bootstrap 95% intervals."""
+    out = []
+    for r in results:
+        if r["system"] != system:
+            continue
+        base = next(
+            (
+                b
+                for b in results
+                if b["system"] == baseline and (b["split"], b["guidance"]) == (r["split"], r["guidance"])
+            ),
+            None,
+        )
+        if base is None:
+            continue
+        row = {"split": r["split"], "guidance": r["guidance"]}
+        for metric in ("open_diversity", "fidelity"):
+            row[metric] = open_eval.paired_difference(r[f"{metric}_per_caption"], base[f"{metric}_per_caption"])
+        out.append(row)
+    return out
+
+
+def evaluate_prior_spread(unclip, table: list[dict], captions: int, samples: int, seed: int) -> dict:
+    """The prior alone on val captions (open_eval.prior_spread), next to the text embedding z_t judged the same
+    way (one point per caption: no spread), and the LAION-style cosines of the prior's samples."""
+    rows, _ = eval_rows(table, "val", captions, seed + 1)
+    train = [r for r in table if r["split"] == "train"]
+    train_z = np.stack([np.asarray(r["image_embedding"], np.float32) for r in train])
+    prompts = [r["caption"] for r in rows for _ in range(samples)]
+    seeds = [seed + i for i in range(len(prompts))]
+    z = unclip.prior_embeddings(prompts, seeds).float().numpy()
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    z_t = unclip.embed_texts([r["caption"] for r in rows]).float().numpy()
+    z_t = z_t / np.linalg.norm(z_t, axis=1, keepdims=True)
+    z_i = np.stack([np.asarray(r["image_embedding"], np.float32) for r in rows])
+    own = np.repeat(z_i, samples, axis=0)
+    return {
+        "captions": len(rows),
+        "samples_per_caption": samples,
+        "cosine_predicted": float((z * own).sum(1).mean()),
+        "cosine_text": float((z_t * z_i).sum(1).mean()),
+        "cosine_unrelated": float((z * np.roll(own, samples, axis=0)).sum(1).mean()),
+        "prior": open_eval.prior_spread(z, rows, train_z, train, samples),
+        "text_embedding": open_eval.prior_spread(np.repeat(z_t, samples, axis=0), rows, train_z, train, samples),
+    }
+
+
+def _with_interval(value, interval) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def differences_table(rows: list[dict]) -> str:
+    """unCLIP − baseline per set and guidance, with 95% intervals."""
+    lines = [
+        "| set | guidance | Δ open diversity [95%] | Δ fidelity [95%] | captions |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["split"], r["guidance"])):
+        cells = [_with_interval(d["mean"], d["interval"]) if d else "–" for d in (r["open_diversity"], r["fidelity"])]
+        n = (r["open_diversity"] or r["fidelity"] or {}).get("captions", 0)
+        lines.append(f"| {r['split']} | {r['guidance']:g} | {cells[0]} | {cells[1]} | {n} |")
+    return "\n".join(lines)
+
+
+def prior_table(prior: dict) -> str:
+    """The prior's samples against the text embedding: cosines to the true image, fidelity and open diversity."""
+    lines = [
+        f"Prior on {prior['captions']} val captions, {prior['samples_per_caption']} samples each, judged by the "
+        "nearest training image: cosine to the true image embedding "
+        f"{prior['cosine_predicted']:.3f} (text embedding {prior['cosine_text']:.3f}, an unrelated image "
+        f"{prior['cosine_unrelated']:.3f}).",
+        "",
+        "| embedding | fidelity [95%] | open diversity [95%] |",
+        "|---|---|---|",
+    ]
+    for name in ("prior", "text_embedding"):
+        p = prior[name]
+        lines.append(
+            f"| {name} | {_with_interval(p['fidelity'], p['fidelity_interval'])} | "
+            f"{_with_interval(p['open_diversity'], p['open_diversity_interval'])} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_table(results: list[dict]) -> str:
-    """One row per (set, system, guidance scale)."""
+    """One row per (set, system, guidance scale); accuracies count the captions that name the attribute."""
     columns = (
         "colour_accuracy",
         "shape_accuracy",
@@ -209,13 +342,57 @@ def markdown_table(results: list[dict]) -> str:
         "diversity_clip",
     )
     lines = [
-        "| set | system | guidance | colour | shape | position | CLIP score | Fréchet (CLIP) | diversity (px) | diversity (CLIP) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| set | system | guidance | fidelity [95%] | open diversity [95%] | colour | shape | position | CLIP score "
+        "| Fréchet (CLIP) | diversity (px) | diversity (CLIP) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["split"], r["system"], r["guidance"])):
-        values = [f"{r[c]:.1%}" if c.endswith("accuracy") else f"{r[c]:.3f}" for c in columns]
+        values = [
+            _with_interval(r["fidelity"], r["fidelity_interval"]),
+            _with_interval(r["open_diversity"], r["open_diversity_interval"]),
+        ]
+        for c in columns:
+            v = r[c]
+            values.append("–" if v is None else f"{v:.1%}" if c.endswith("accuracy") else f"{v:.3f}")
         lines.append(f"| {r['split']} | {r['system']} | {r['guidance']:g} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def plot_diversity_fidelity(results: list[dict], path: Path) -> None:
+    """Open-attribute diversity against fidelity, one curve per (system, set) along the guidance scales, with
+    the bootstrap intervals as error bars: the paper's diversity–fidelity comparison in miniature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for ax, split in zip(axes[0], ("val", "heldout")):
+        for system, marker in (("unclip", "o"), ("glide_like", "s")):
+            points = sorted(
+                (
+                    r
+                    for r in results
+                    if (r["system"], r["split"]) == (system, split) and r["open_diversity"] is not None
+                ),
+                key=lambda r: r["guidance"],
+            )
+            if not points:
+                continue
+            x = [p["fidelity"] for p in points]
+            y = [p["open_diversity"] for p in points]
+            xerr = np.abs(np.asarray([p["fidelity_interval"] for p in points]).T - x)
+            yerr = np.abs(np.asarray([p["open_diversity_interval"] for p in points]).T - y)
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=f"-{marker}", capsize=3, label=system)
+            for p in points:
+                ax.annotate(f"g={p['guidance']:g}", (p["fidelity"], p["open_diversity"]), fontsize=7)
+        ax.set_xlabel("fidelity (named attributes read back)")
+        ax.set_ylabel("open-attribute diversity")
+        ax.set_title(f"{split} captions")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_guidance(results: list[dict], path: Path) -> None:
@@ -295,11 +472,26 @@ def main_summary(summary: dict) -> str:
     lines = []
     for r in summary["results"]:
         if r["guidance"] == default:
+            pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
             lines.append(
-                f"{r['split']:>8} {r['system']:<11} colour {r['colour_accuracy']:.1%}  shape {r['shape_accuracy']:.1%}  "
-                f"position {r['position_accuracy']:.1%}  CLIP score {r['clip_score']:.3f}  "
-                f"diversity {r['diversity_pixels']:.3f}"
+                f"{r['split']:>8} {r['system']:<11} fidelity {_with_interval(r['fidelity'], r['fidelity_interval'])}  "
+                f"open diversity {_with_interval(r['open_diversity'], r['open_diversity_interval'])}  "
+                f"colour {pct(r['colour_accuracy'])}  shape {pct(r['shape_accuracy'])}  CLIP score {r['clip_score']:.3f}"
             )
+    for d in summary.get("unclip_minus_glide_like", []):
+        if d["open_diversity"] and d["fidelity"]:
+            lines.append(
+                f"{d['split']:>8} guidance {d['guidance']:g}: unclip − glide_like open diversity "
+                f"{_with_interval(d['open_diversity']['mean'], d['open_diversity']['interval'])}, fidelity "
+                f"{_with_interval(d['fidelity']['mean'], d['fidelity']['interval'])}"
+            )
+    if "prior" in summary:
+        p = summary["prior"]
+        lines.append(
+            f"prior: cosine to the true image {p['cosine_predicted']:.3f} (text embedding {p['cosine_text']:.3f}, "
+            f"unrelated image {p['cosine_unrelated']:.3f}); open diversity of its samples "
+            f"{_with_interval(p['prior']['open_diversity'], p['prior']['open_diversity_interval'])}"
+        )
     for name, points in summary.get("diversity_at_equal_clip_score", {}).items():
         for p in points:
             if p["glide_like"] is not None:
