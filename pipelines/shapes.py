@@ -75,7 +75,8 @@ HELDOUT_PAIRS = frozenset(
 # how often a two-object caption mentions the second object at all. What a caption leaves open is
 # what the image embedding has to carry (and what a sampled prior can vary).
 NAMING = {"colour": 0.95, "shape": 0.95, "size": 0.5, "position": 0.5, "background": 0.3, "second_object": 0.7}
-NAMEABLE = ("colour", "shape", "size", "position", "background")
+OBJECT_ATTRIBUTES = ("colour", "shape", "size", "position")  # named per object ('colour_2' for the second)
+NAMEABLE = (*OBJECT_ATTRIBUTES, "background")
 # Wording: each attribute value has several phrasings; the first is the canonical one (zero-shot
 # prompts, `caption(scene)` without a generator).
 SHAPE_WORDS = {
@@ -98,6 +99,7 @@ POSITION_WORDS = {
 BACKGROUND_AFTER = ("on a {} background", "against {}", "on {}", "over a {} backdrop")
 BACKGROUND_BEFORE = ("{} background with", "on {},", "against {}:")
 JOINERS = ("and", "and also", "next to")
+BACKGROUND_FIRST = 0.3  # share of worded captions that open with the background
 _SUPERSAMPLE = 4
 _MIN_COLOUR_DISTANCE = 90.0  # RGB distance below which an object colour counts as the background
 
@@ -130,11 +132,6 @@ def colours_allowed_on(background: str) -> list[str]:
     """Object colours far enough from `background` to be seen (and checked) on it."""
     bg = BACKGROUNDS[background]
     return [c for c, rgb in COLOURS.items() if _distance(rgb, bg) >= _MIN_COLOUR_DISTANCE]
-
-
-def where_phrase(position: str) -> str:
-    """'at the top left', 'in the center': the canonical phrase of a position."""
-    return POSITION_WORDS[position][0]
 
 
 def _pick(options: tuple[str, ...], rng: np.random.Generator | None) -> str:
@@ -173,7 +170,7 @@ def choose_named(scene: Scene, rng: np.random.Generator, naming: dict[str, float
         suffix = "" if i == 0 else f"_{i + 1}"
         if i > 0 and rng.random() >= naming["second_object"]:
             break
-        chosen = [a for a in NAMEABLE[:4] if rng.random() < naming[a]]
+        chosen = [a for a in OBJECT_ATTRIBUTES if rng.random() < naming[a]]
         if not {"colour", "shape"} & set(chosen):
             chosen.append("shape")
         named += [a + suffix for a in chosen]
@@ -187,7 +184,7 @@ def caption(
     (synonyms and word orders; without one, the canonical wording:
     'a small red circle at the top left on a black background')."""
     if named is None:
-        named = {a + ("" if i == 0 else f"_{i + 1}") for i in range(len(scene.objects)) for a in NAMEABLE[:4]}
+        named = {a + ("" if i == 0 else f"_{i + 1}") for i in range(len(scene.objects)) for a in OBJECT_ATTRIBUTES}
         named |= {"background"}
     named = set(named)
     objects = [
@@ -199,7 +196,7 @@ def caption(
     text = f" {joiner} ".join(objects)
     if "background" not in named:
         return text
-    if rng is not None and rng.random() < 0.3:  # background first: 'navy background with a red circle'
+    if rng is not None and rng.random() < BACKGROUND_FIRST:  # background first: 'navy background with a red circle'
         return _pick(BACKGROUND_BEFORE, rng).format(scene.background) + " " + text
     return text + " " + _pick(BACKGROUND_AFTER, rng).format(scene.background)
 

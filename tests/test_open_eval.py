@@ -67,3 +67,10 @@ def test_read_image_reads_a_rendered_scene():
         "position": "top left",
         "background": "navy",
     }
+
+
+def test_data_draws_reach_one_only_with_many_draws():
+    rows = [dict(ROW, background=b, position=p) for b in ("black", "white") for p in ("center", "top left")] * 5
+    few, many = open_eval.data_draws(rows, 2), open_eval.data_draws(rows, 64)
+    assert few["size"] == 0.0  # one size in the data: nothing to spread over
+    assert 0.3 < few["background"] < 0.7 < many["background"] <= 1.0  # 2 draws of a fair coin agree half the time

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipelines import shapes
 
-CHECKED = ("colour", "shape", "size", "position", "background")  # what fidelity can check on a single object
+CHECKED = shapes.NAMEABLE  # what fidelity checks on a single object: colour, shape, size, position, background
 OPEN = ("background", "position", "size")  # what open diversity counts (colour and shape are nearly always named)
 BOOTSTRAP_SAMPLES = 2000
 
@@ -44,10 +44,25 @@ def reference_entropy(rows: list[dict]) -> dict[str, float]:
     return {a: entropy([r[a] for r in rows]) for a in OPEN}
 
 
+def data_draws(rows: list[dict], k: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """What open diversity k images drawn from the data itself would score, per OPEN attribute (the mean
+    normalised entropy of k rows drawn at random): the ceiling a caption's k images can reach, below 1
+    for small k."""
+    rng, reference = np.random.default_rng(seed), reference_entropy(rows)
+    out = {}
+    for a in OPEN:
+        values = [r[a] for r in rows]
+        picks = rng.integers(len(values), size=(draws, k))
+        out[a] = (
+            float(np.mean([entropy([values[i] for i in p]) for p in picks]) / reference[a]) if reference[a] else 0.0
+        )
+    return out
+
+
 def read_image(image) -> dict:
     """The checker's reading of an image: the largest object's attributes and the background (None: no object)."""
     found = shapes.detect(image)
-    reading = {a: (getattr(found[0], a) if found else None) for a in CHECKED[:4]}
+    reading = {a: (getattr(found[0], a) if found else None) for a in shapes.OBJECT_ATTRIBUTES}
     return {**reading, "background": shapes.detect_background(image)}
 
 

@@ -94,21 +94,15 @@ def score(
     ]
     summary = open_eval.summarise(per_caption_scores)
     metrics = {f"{a}_accuracy": summary.pop(f"named_{a}_accuracy") for a in open_eval.CHECKED}
-    both = [c["hits"] for c in per_caption_scores if {"colour", "shape"} <= set(c["hits"])]
     truth = [r for r in rows for _ in range(per_caption)]
     z_img = encoder.encode_images(encoder.preprocess_on_device(list(images))).numpy()
     z_txt = encoder.encode_texts([r["caption"] for r in truth]).numpy()
-    metrics["colour_shape_accuracy"] = float(
-        np.mean(
-            [
-                reading["colour"] == r["colour"] and reading["shape"] == r["shape"]
-                for reading, r in zip(readings, truth)
-                if {"colour", "shape"} <= open_eval.named_of(r)
-            ]
-        )
-        if both
-        else float("nan")
-    )
+    both = [  # colour and shape right together, on the images of captions that name both
+        reading["colour"] == r["colour"] and reading["shape"] == r["shape"]
+        for reading, r in zip(readings, truth)
+        if {"colour", "shape"} <= open_eval.named_of(r)
+    ]
+    metrics["colour_shape_accuracy"] = float(np.mean(both)) if both else None
     metrics.update(summary)
     metrics["clip_score"] = float((z_img * z_txt).sum(1).mean())
     metrics["frechet_clip"] = frechet_distance(z_img, real)
@@ -210,6 +204,10 @@ def evaluate(
         if scale == default_scale:
             save_grid(images, out_dir / f"samples-{split}-{system}.png", columns=per_caption * 4)
     summary = {
+        "open_diversity_of_data_draws": {
+            "per_caption": open_eval.data_draws(train, per_caption),
+            "prior_samples": open_eval.data_draws(train, prior_samples),
+        },
         "data": data,
         "models": str(models),
         "captions_per_set": captions,
@@ -232,8 +230,13 @@ def evaluate(
     tables = [markdown_table(results)]
     if "unclip_minus_glide_like" in summary:
         tables.append(differences_table(summary["unclip_minus_glide_like"]))
+    draws = summary["open_diversity_of_data_draws"]["per_caption"]
+    tables.append(
+        f"Open diversity of {per_caption} images drawn from the training data itself (the ceiling for "
+        f"{per_caption} images per caption): " + ", ".join(f"{a} {v:.2f}" for a, v in draws.items()) + "."
+    )
     if "prior" in summary:
-        tables.append(prior_table(summary["prior"]))
+        tables.append(prior_table(summary["prior"], summary["open_diversity_of_data_draws"]["prior_samples"]))
     (out_dir / "table.md").write_text("\n\n".join(tables) + "\n")
     plot_guidance(results, out_dir / "guidance.png")
     plot_diversity_fidelity(results, out_dir / "diversity_fidelity.png")
@@ -310,7 +313,7 @@ def differences_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def prior_table(prior: dict) -> str:
+def prior_table(prior: dict, draws: dict[str, float]) -> str:
     """The prior's samples against the text embedding: cosines to the true image, fidelity and open diversity."""
     lines = [
         f"Prior on {prior['captions']} val captions, {prior['samples_per_caption']} samples each, judged by the "
@@ -327,6 +330,11 @@ def prior_table(prior: dict) -> str:
             f"| {name} | {_with_interval(p['fidelity'], p['fidelity_interval'])} | "
             f"{_with_interval(p['open_diversity'], p['open_diversity_interval'])} |"
         )
+    lines.append(
+        f"\n{prior['samples_per_caption']} training rows drawn at random would score open diversity "
+        + ", ".join(f"{a} {v:.2f}" for a, v in draws.items())
+        + "."
+    )
     return "\n".join(lines)
 
 
