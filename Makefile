@@ -103,10 +103,10 @@ demo: setup ## the whole pipeline on the embedded default (committed CLIP): data
 	stage knn QUERY="$$(head -1 $(DEMO_PROMPTS))" KNN_OUT=$(DEMO_OUT) && \
 	echo "demo done in $$(( $$(date +%s) - start )) s. Results in $(DEMO_OUT)/:" && \
 	echo "  sample.png (held-out prompts, 4 samples each)  samples-*-*.png (eval grids)  metrics.json  table.md" && \
-	echo "  guidance.png (accuracy, CLIP score, diversity against guidance)  losses.png (training curves)  *.html (knn page)" && \
+	echo "  diversity_fidelity.png  guidance.png (accuracy, CLIP score, diversity against guidance)  losses.png  *.html (knn page)" && \
 	echo "Models in models/synthetic/ (clip prior decoder upsampler decoder-text); data in data/synthetic/."
 
-eval: setup ## unCLIP vs the GLIDE-like baseline on val and held-out captions: accuracy, CLIP score, Fréchet, diversity
+eval: setup ## unCLIP vs the GLIDE-like baseline on val and held-out captions: fidelity, open diversity, accuracy, CLIP score
 	$(PY) -m training eval $(DATA_OPT) $(if $(MODELS),--models "$(MODELS)") $(if $(OUT),--out "$(OUT)") $(EVAL_OPTS)
 
 data: setup ## render the synthetic source: data/<name>/urls.parquet and source/

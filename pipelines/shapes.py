@@ -162,8 +162,8 @@ def _object_phrase(obj: ShapeObject, named: set[str], suffix: str, rng: np.rando
 
 def choose_named(scene: Scene, rng: np.random.Generator, naming: dict[str, float] | None = None) -> tuple[str, ...]:
     """Which attributes a caption of `scene` names, each drawn with its `naming` probability (NAMING by
-    default). Names are SCENE_COLUMNS names ('colour', 'shape_2', 'background'); the first object always
-    keeps at least its shape or colour, so every caption says what it is about."""
+    default). Names are SCENE_COLUMNS names ('colour', 'shape_2', 'background'); every object a caption
+    mentions keeps at least its shape or colour, so the caption says what it is about."""
     naming = {**NAMING, **(naming or {})}
     named = ["background"] if rng.random() < naming["background"] else []
     for i, _ in enumerate(scene.objects):

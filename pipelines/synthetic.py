@@ -70,7 +70,7 @@ def check_naming(naming: dict | None) -> dict[str, float]:
     if unknown:
         raise ValueError(f"synthetic.naming: unknown key {unknown[0]!r}; known: {', '.join(shapes.NAMING)}")
     for key, p in naming.items():
-        if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise ValueError(f"synthetic.naming.{key} = {p!r}: a probability in [0, 1] is expected")
     return {**shapes.NAMING, **{k: float(v) for k, v in naming.items()}}
 

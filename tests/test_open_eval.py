@@ -30,6 +30,16 @@ def test_fidelity_counts_named_attributes_and_diversity_the_open_ones():
     assert scores["open_diversity"] == pytest.approx(0.5)
 
 
+def test_an_image_without_an_object_misses_but_adds_no_diversity():
+    reference = {a: math.log(2) for a in open_eval.OPEN}
+    row = dict(ROW, **{shapes.NAMED_COLUMN: "colour shape background"})
+    empty = dict.fromkeys(("colour", "shape", "size", "position"), None) | {"background": "black"}
+    scores = open_eval.caption_scores([ROW, empty], row, reference)
+    assert scores["hits"] == {"colour": 0.5, "shape": 0.5, "background": 1.0}
+    assert scores["open_diversity"] == 0.0  # one object read: its size and position do not vary
+    assert open_eval.caption_scores([empty, empty], row, reference)["open_diversity"] is None
+
+
 def test_data_without_the_named_column_names_everything():
     scores = open_eval.caption_scores([ROW, ROW], ROW, {a: 1.0 for a in open_eval.OPEN})
     assert scores["fidelity"] == 1.0 and scores["open_diversity"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def test_captions_name_exactly_the_chosen_attributes_in_varied_wording():
         values["background"] = scene.background
         assert {"colour", "shape"} & set(named), text
         for attribute, value in values.items():
-            said = any(word in text for word in _words_of(attribute, value))
+            said = any(re.search(rf"\b{re.escape(word)}\b", text) for word in _words_of(attribute, value))
             assert said == (attribute in named), (attribute, named, text)
             counts[attribute] += attribute in named
     for attribute, p in shapes.NAMING.items():

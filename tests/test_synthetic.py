@@ -51,8 +51,9 @@ def test_rows_carry_attributes_and_mostly_one_object(tiny_source):
     assert 0.6 < len(singles) / len(rows) < 0.95
     for r in singles:
         named = r[shapes.NAMED_COLUMN].split()
-        assert ("colour" in named) == (r["colour"] in r["caption"]) and r["shape_2"] is None
-        assert ("background" in named) == (r["background"] in r["caption"])
+        words = r["caption"].replace(",", " ").replace(":", " ").split()
+        assert ("colour" in named) == (r["colour"] in words) and r["shape_2"] is None
+        assert ("background" in named) == (r["background"] in words)
     # Captions leave attributes open: some name the background, most do not.
     assert 0.1 < sum("background" in r[shapes.NAMED_COLUMN].split() for r in rows) / len(rows) < 0.5
 
@@ -72,10 +73,15 @@ def test_naming_probabilities_are_config_keys(tmp_path):
         assert set(r[shapes.NAMED_COLUMN].split()) == set(
             shapes.choose_named(scene, np.random.default_rng(0), {k: 1.0 for k in shapes.NAMING})
         )
+    synthetic.generate(tmp_path / "never", naming={"background": 0.0, "size": 0.0}, **kwargs)
+    for r in pq.read_table(tmp_path / "never" / "urls.parquet").to_pylist():
+        assert not {"background", "size", "size_2"} & set(r[shapes.NAMED_COLUMN].split())
+        assert r["background"] not in r["caption"].split()
     with pytest.raises(ValueError, match="unknown key 'colours'"):
         synthetic.generate(tmp_path / "bad", naming={"colours": 0.5}, **kwargs)
-    with pytest.raises(ValueError, match="probability"):
-        synthetic.generate(tmp_path / "bad", naming={"size": 1.5}, **kwargs)
+    for bad in (1.5, True):
+        with pytest.raises(ValueError, match="probability"):
+            synthetic.generate(tmp_path / "bad", naming={"size": bad}, **kwargs)
 
 
 def test_planned_failures_are_about_two_percent_in_three_kinds(tiny_source):

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         if job == "textdiff":
             p.add_argument("--from", dest="from_text", required=True)
             p.add_argument("--to", dest="to_text", required=True)
-    p = sub.add_parser("eval", help="unCLIP against the GLIDE-like baseline: accuracy, CLIP score, Fréchet, diversity")
+    p = sub.add_parser(
+        "eval", help="unCLIP against the GLIDE-like baseline: fidelity, open diversity, accuracy, CLIP score, Fréchet"
+    )
     p.add_argument("--config", default=DEFAULT_DATA, help="the data set: a name or a config path")
     # Unset options take training.unclip_eval.evaluate's defaults.
     p.add_argument("--models", help="folder of the exports (default: models/<data set>)")
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", help="decoder guidance scales, comma-separated")
     p.add_argument("--steps", type=int, help="decoder sampling steps")
     p.add_argument("--upsampler-steps", type=int, help="upsampler sampling steps")
+    p.add_argument("--prior-captions", type=int, help="val captions the prior is judged on alone")
+    p.add_argument("--prior-samples", type=int, help="prior samples per caption")
     p.add_argument("--seed", type=int)
     p.add_argument("--outputs", default="outputs", help="where the training runs' logs are (for the loss plot)")
     p = sub.add_parser("export-diffusers", help="exported models as folders diffusers' pipelines load")
@@ -193,6 +197,8 @@ def _evaluate(args) -> None:
         "guidance_scales": tuple(float(x) for x in args.scales.split(",") if x.strip()) if args.scales else None,
         "steps": args.steps,
         "upsampler_steps": args.upsampler_steps,
+        "prior_captions": args.prior_captions,
+        "prior_samples": args.prior_samples,
         "seed": args.seed,
     }
     summary = evaluate(args.config, models, out, **{k: v for k, v in given.items() if v is not None})

@@ -8,7 +8,8 @@ Judged per caption, over the images (or prior samples) drawn for it:
 - open diversity: for each of background, position and size that the caption leaves open, the
   entropy of the values read across the caption's images, divided by that attribute's entropy over
   the training images (0: always the same; 1: as varied as the training data); averaged over the
-  open attributes. Captions that name all three have none.
+  open attributes. Captions that name all three have none; an image where the checker finds no
+  object counts as a miss for fidelity and adds nothing to diversity.
 
 Intervals are bootstrap 95% intervals over captions (captions resampled with replacement).
 """
@@ -45,9 +46,9 @@ def reference_entropy(rows: list[dict]) -> dict[str, float]:
 
 
 def data_draws(rows: list[dict], k: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
-    """What open diversity k images drawn from the data itself would score, per OPEN attribute (the mean
-    normalised entropy of k rows drawn at random): the ceiling a caption's k images can reach, below 1
-    for small k."""
+    """What open diversity k rows drawn at random from the data score, per OPEN attribute (the mean
+    normalised entropy): the reference for a caption's k images, below 1 for small k (k images that
+    all differ can score more)."""
     rng, reference = np.random.default_rng(seed), reference_entropy(rows)
     out = {}
     for a in OPEN:
@@ -71,13 +72,14 @@ def caption_scores(readings: list[dict], row: dict, reference: dict[str, float])
     named = named_of(row)
     hits = {a: float(np.mean([r[a] == row[a] for r in readings])) for a in named}
     open_attributes = [a for a in OPEN if a not in named and reference[a] > 0]
+    spreads = [  # an image where the checker found no object has no size or position to vary
+        entropy(values) / reference[a]
+        for a in open_attributes
+        if (values := [r[a] for r in readings if r[a] is not None])
+    ]
     return {
         "fidelity": float(np.mean(list(hits.values()))) if hits else None,
-        "open_diversity": (
-            float(np.mean([entropy([r[a] for r in readings]) / reference[a] for a in open_attributes]))
-            if open_attributes
-            else None
-        ),
+        "open_diversity": float(np.mean(spreads)) if spreads else None,
         "hits": hits,
     }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from embeddings.config import ConfigError
@@ -45,25 +45,33 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
 
 
 def parse_max_time(value) -> timedelta | None:
-    """A wall-clock budget for training: 'HH:MM:SS', 'DD:HH:MM:SS' or a number of minutes (None: no budget)."""
+    """A wall-clock budget for training: 'HH:MM:SS', 'DD:HH:MM:SS' or a number of seconds (None: no budget).
+    Seconds because YAML 1.1 reads an unpadded 1:30:00 as the base-60 number 5400, which is then right."""
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return timedelta(minutes=value)
+        return timedelta(seconds=value)
     parts = str(value).split(":")
     if 3 <= len(parts) <= 4 and all(p.strip().isdigit() for p in parts):
         days, hours, minutes, seconds = ([0] * (4 - len(parts))) + [int(p) for p in parts]
         if days or hours or minutes or seconds:
             return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    raise ConfigError(f"max_time = {value!r}: give 'HH:MM:SS', 'DD:HH:MM:SS' or minutes (> 0), or null for no budget")
+    raise ConfigError(f"max_time = {value!r}: give 'HH:MM:SS', 'DD:HH:MM:SS' or seconds (> 0), or null for no budget")
 
 
 def steps_reached(trainer: L.Trainer) -> dict:
-    """Print and return how far training went: the step reached, and whether the wall-clock budget stopped it."""
-    by_time = not trainer.interrupted and trainer.global_step < trainer.max_steps
-    line = f"trained to step {trainer.global_step} of {trainer.max_steps}"
-    print(line + (" (the wall-clock budget max_time ran out first)" if by_time else ""))
-    return {"step": trainer.global_step, "stopped_by": "max_time" if by_time else "max_steps"}
+    """Print (rank 0) and return how far training went: the step reached and what stopped it (max_steps,
+    max_time: the wall-clock budget ran out, or interrupted)."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if trainer.global_step >= trainer.max_steps:
+        stopped_by = "max_steps"
+    elif timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        stopped_by = "max_time"
+    else:
+        stopped_by = "interrupted"
+    if trainer.is_global_zero:
+        print(f"trained to step {trainer.global_step} of {trainer.max_steps} (stopped by {stopped_by})")
+    return {"step": trainer.global_step, "stopped_by": stopped_by}
 
 
 def build_trainer(

@@ -232,8 +232,8 @@ def evaluate(
         tables.append(differences_table(summary["unclip_minus_glide_like"]))
     draws = summary["open_diversity_of_data_draws"]["per_caption"]
     tables.append(
-        f"Open diversity of {per_caption} images drawn from the training data itself (the ceiling for "
-        f"{per_caption} images per caption): " + ", ".join(f"{a} {v:.2f}" for a, v in draws.items()) + "."
+        f"Open diversity of {per_caption} training rows drawn at random (the reference for {per_caption} "
+        "images per caption): " + ", ".join(f"{a} {v:.2f}" for a, v in draws.items()) + "."
     )
     if "prior" in summary:
         tables.append(prior_table(summary["prior"], summary["open_diversity_of_data_draws"]["prior_samples"]))
@@ -288,7 +288,8 @@ def evaluate_prior_spread(unclip, table: list[dict], captions: int, samples: int
         "samples_per_caption": samples,
         "cosine_predicted": float((z * own).sum(1).mean()),
         "cosine_text": float((z_t * z_i).sum(1).mean()),
-        "cosine_unrelated": float((z * np.roll(own, samples, axis=0)).sum(1).mean()),
+        # another caption's image (none with a single caption)
+        "cosine_unrelated": float((z * np.roll(own, samples, axis=0)).sum(1).mean()) if len(rows) > 1 else None,
         "prior": open_eval.prior_spread(z, rows, train_z, train, samples),
         "text_embedding": open_eval.prior_spread(np.repeat(z_t, samples, axis=0), rows, train_z, train, samples),
     }
@@ -303,13 +304,13 @@ def _with_interval(value, interval) -> str:
 def differences_table(rows: list[dict]) -> str:
     """unCLIP − baseline per set and guidance, with 95% intervals."""
     lines = [
-        "| set | guidance | Δ open diversity [95%] | Δ fidelity [95%] | captions |",
+        "| set | guidance | Δ open diversity [95%] | Δ fidelity [95%] | captions (open / all) |",
         "|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["split"], r["guidance"])):
         cells = [_with_interval(d["mean"], d["interval"]) if d else "–" for d in (r["open_diversity"], r["fidelity"])]
-        n = (r["open_diversity"] or r["fidelity"] or {}).get("captions", 0)
-        lines.append(f"| {r['split']} | {r['guidance']:g} | {cells[0]} | {cells[1]} | {n} |")
+        n = [(d or {}).get("captions", 0) for d in (r["open_diversity"], r["fidelity"])]
+        lines.append(f"| {r['split']} | {r['guidance']:g} | {cells[0]} | {cells[1]} | {n[0]} / {n[1]} |")
     return "\n".join(lines)
 
 
@@ -319,7 +320,7 @@ def prior_table(prior: dict, draws: dict[str, float]) -> str:
         f"Prior on {prior['captions']} val captions, {prior['samples_per_caption']} samples each, judged by the "
         "nearest training image: cosine to the true image embedding "
         f"{prior['cosine_predicted']:.3f} (text embedding {prior['cosine_text']:.3f}, an unrelated image "
-        f"{prior['cosine_unrelated']:.3f}).",
+        f"{_with_interval(prior['cosine_unrelated'], None)}).",
         "",
         "| embedding | fidelity [95%] | open diversity [95%] |",
         "|---|---|---|",
@@ -497,7 +498,7 @@ def main_summary(summary: dict) -> str:
         p = summary["prior"]
         lines.append(
             f"prior: cosine to the true image {p['cosine_predicted']:.3f} (text embedding {p['cosine_text']:.3f}, "
-            f"unrelated image {p['cosine_unrelated']:.3f}); open diversity of its samples "
+            f"unrelated image {_with_interval(p['cosine_unrelated'], None)}); open diversity of its samples "
             f"{_with_interval(p['prior']['open_diversity'], p['prior']['open_diversity_interval'])}"
         )
     for name, points in summary.get("diversity_at_equal_clip_score", {}).items():
