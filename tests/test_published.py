@@ -300,7 +300,7 @@ def test_init_from_a_karlo_super_resolution_unet_computes_what_it_computes(tmp_p
 
 
 def _our_unclip_models(folder, clip_dir, *, upsampler_dim: int = 0, prediction_type: str = "epsilon"):
-    """models/<name>/ in the exportable form (configs/*/small-export.yaml and an image-only upsampler), at tiny
+    """models/<name>/ in the exportable form (the demo's configs/*/small.yaml and upsampler-small.yaml), at tiny
     sizes with random weights, against the tiny test CLIP (32-d, 32 tokens): a raw-space prior reading token
     encodings, a Karlo-layout decoder with a learned variance, an upsampler (8 → 32 px); decoder and upsampler
     predict `prediction_type` (ε or x_0)."""

@@ -54,7 +54,7 @@ def _check_prior(sampler, prior_dir: Path, context: int) -> None:
         raise ConfigError(
             f"the prior in {prior_dir} reads unit CLIP vectors (prior.clip_space unit); diffusers' pipelines feed "
             "raw text embeddings and read raw image embeddings, so it would sample from the wrong inputs: retrain "
-            "it with prior.clip_space: raw (configs/prior/small-export.yaml) or fine-tune a published prior (init_from)"
+            "it with prior.clip_space: raw (as configs/prior/small.yaml does) or fine-tune a published prior (init_from)"
         )
     if not config.text_token_width or config.max_text_tokens != context:
         raise ConfigError(
