@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED := 1
 # Variables a user may give a target; each target takes some of them (TAKES_<target> below).
 USER_VARS := NAME DATA CONFIG SET CLIP REDO URL_LIST FOLDER SOURCE OUT CLIP_CONFIG PRIOR_CONFIG DECODER_CONFIG \
 	UPSAMPLER_CONFIG MODELS SEED N STEPS GUIDANCE DECODER PROMPT PROMPTS PRIOR_GUIDANCE IMAGE A B FROM TO QUERY KEY \
-	K KIND KNN_OUT EVAL_OPTS JOB SUBMIT_PYTHON
+	K KIND KNN_OUT EVAL_OPTS JOB SUBMIT_PYTHON VIEW
 GIVEN := $(foreach v,$(USER_VARS),$(if $(filter command line,$(origin $(v))),$(v)))
 # The same names set in the shell's environment are never used: a target that takes one refuses it (below).
 IN_ENVIRONMENT := $(foreach v,$(USER_VARS),$(if $(filter environment,$(origin $(v))),$(v)))
@@ -39,6 +39,7 @@ JOB_download = pipelines download $(DATA_OPT) $(if $(URL_LIST),--url-list "$(URL
 	$(if $(REDO),--redo "$(REDO)")
 JOB_embed = pipelines embed $(DATA_OPT) $(if $(CLIP),--clip "$(CLIP)") $(if $(REDO),--redo "$(REDO)")
 JOB_index = pipelines index $(DATA_OPT)
+JOB_curate = pipelines curate $(DATA_OPT) --view "$(VIEW)"
 JOB_export-clip-retrieval = pipelines export-clip-retrieval $(DATA_OPT)
 JOB_train-clip = training clip --config $(CLIP_CONFIG) $(TRAIN_DATA)
 JOB_train-prior = training prior --config $(PRIOR_CONFIG) $(TRAIN_DATA)
@@ -88,22 +89,27 @@ DEMO_BUDGET_UPSAMPLER := 00:02:30
 DEMO_OUT := outputs/demo
 # Each stage is its own make call, so an interrupted demo resumes: finished shards are skipped and
 # trainers continue from their last checkpoint (`make clean` starts afresh). To fit 30 minutes on 2 cores
-# the demo trains the prior 1 200 steps (default 1 500), the decoders 800 (default 2 800) and the
+# the demo trains the prior 300 steps (default 600), the decoders 800 (default 2 800) and the
 # upsampler 400 (default 500); `make train-decoder` etc. afterwards continue them to the defaults.
+# The prior skips its in-training validation (val_every beyond its steps): the job's final evaluation
+# measures the same 1 000 val pairs. Its prior, decoder and upsampler are in the form diffusers runs: it
+# ends by exporting them.
 demo: setup ## the whole pipeline on the embedded default (committed CLIP): data → ... → eval; results in outputs/demo/
 	@start=$$(date +%s); stage() { s=$$(date +%s); $(MAKE) --no-print-directory "$$@" || exit 1; \
 		echo "[demo] $$* done in $$(( $$(date +%s) - s )) s (total $$(( $$(date +%s) - start )) s)"; }; \
 	stage data download embed index eval-clip && \
-	stage train-prior SET="max_steps=1200 max_time=$(DEMO_BUDGET_PRIOR)" && \
+	stage train-prior SET="max_steps=300 val_every=1000 max_time=$(DEMO_BUDGET_PRIOR)" && \
 	stage train-decoder SET="max_steps=800 max_time=$(DEMO_BUDGET_DECODER)" && \
 	stage train-upsampler SET="max_steps=400 max_time=$(DEMO_BUDGET_UPSAMPLER)" && \
 	stage train-decoder DECODER_CONFIG=configs/decoder/text-small.yaml SET="max_steps=800 max_time=$(DEMO_BUDGET_DECODER)" && \
 	stage sample PROMPTS=$(DEMO_PROMPTS) N=4 OUT=$(DEMO_OUT)/sample.png && \
 	stage eval OUT=$(DEMO_OUT) && \
 	stage knn QUERY="$$(head -1 $(DEMO_PROMPTS))" KNN_OUT=$(DEMO_OUT) && \
+	stage export-diffusers OUT=$(DEMO_OUT)/diffusers && \
 	echo "demo done in $$(( $$(date +%s) - start )) s. Results in $(DEMO_OUT)/:" && \
 	echo "  sample.png (held-out prompts, 4 samples each)  samples-*-*.png (eval grids)  metrics.json  table.md" && \
 	echo "  diversity_fidelity.png  guidance.png (accuracy, CLIP score, diversity against guidance)  losses.png  *.html (knn page)" && \
+	echo "  diffusers/ (prior, decoder and upsampler as an UnCLIPPipeline folder: UnCLIPPipeline.from_pretrained)" && \
 	echo "Models in models/synthetic/ (clip prior decoder upsampler decoder-text); data in data/synthetic/."
 
 eval: setup ## unCLIP vs the GLIDE-like baseline on val and held-out captions: fidelity, open diversity, accuracy, CLIP score
@@ -128,6 +134,10 @@ reset-embeddings: setup ## remove data/<name>/embeddings/ and index/, to embed a
 
 index: setup ## faiss image and text indices over the embeddings into data/<name>/index/
 	$(PY) -m $(JOB_index) $(SET_OPTS)
+
+curate: setup ## VIEW=name: which keys to train on (dedup via the index, filters) into data/<name>/views/<view>.parquet + .json
+	@test -n "$(VIEW)" || { echo 'usage: make curate VIEW=clean [NAME=...] [SET="curate.near_duplicate=0.97"]'; exit 2; }
+	$(PY) -m $(JOB_curate) $(SET_OPTS)
 
 knn: setup ## nearest neighbours: QUERY="text" or IMAGE=path or KEY=key; prints a table and an HTML page
 	@test -n "$(QUERY)$(IMAGE)$(KEY)" || { echo 'usage: make knn QUERY="a red circle" | IMAGE=path | KEY=key'; exit 2; }
@@ -192,7 +202,7 @@ bench-download: setup ## images/s of data + download on a fresh copy of the data
 	$(PY) bench/download.py $(DATA_OPT)
 
 SUBMIT_PYTHON ?= python
-submit: setup ## JOB=embed|download|index|export-clip-retrieval|train-prior|train-decoder|train-upsampler as a Ray batch job at RAY_ADDRESS=http://head:8265
+submit: setup ## JOB=embed|download|index|curate|export-clip-retrieval|train-prior|train-decoder|train-upsampler as a Ray batch job at RAY_ADDRESS=http://head:8265
 	@test -n "$(JOB_$(JOB))" -a -n "$(RAY_ADDRESS)" || { echo 'usage: make submit JOB=embed RAY_ADDRESS=http://head:8265 [NAME=...] [SET="data_root=/mnt/shared/data"]'; \
 		echo '  JOB: download embed index export-clip-retrieval train-clip train-prior train-decoder train-upsampler'; exit 2; }
 	$(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . -- \
@@ -217,6 +227,7 @@ TAKES_ingest := FOLDER NAME SET
 TAKES_embed := $(DATA_VARS) SET CLIP REDO
 TAKES_reset-embeddings := $(DATA_VARS) SET
 TAKES_index := $(DATA_VARS) SET
+TAKES_curate := $(DATA_VARS) SET VIEW
 TAKES_knn := $(DATA_VARS) SET QUERY IMAGE KEY K KIND KNN_OUT
 TAKES_export-clip-retrieval := $(DATA_VARS) SET OUT
 TAKES_import-clip-retrieval := $(DATA_VARS) SET SOURCE

@@ -49,7 +49,8 @@ def query_vector(
         return encoder.encode_images(encoder.preprocess(picture.convert("RGB"))[None])[0].numpy()
 
 
-def _thumbnail(data: bytes, size: int = 128) -> str:
+def thumbnail(data: bytes, size: int = 128) -> str:
+    """Image bytes → a PNG data URI of size × size (nearest neighbour, so small images stay sharp)."""
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB").resize((size, size), Image.NEAREST)
         buffer = io.BytesIO()
@@ -63,12 +64,12 @@ def write_page(
     """One HTML page: the query, then a grid of neighbours with rank, score, key and caption."""
     cards = []
     for row in rows:
-        src = _thumbnail(images[row["key"]]) if row["key"] in images else ""
+        src = thumbnail(images[row["key"]]) if row["key"] in images else ""
         cards.append(
             f'<figure><img src="{src}" alt="{html.escape(row["key"])}"><figcaption>#{row["rank"]} · {row["score"]:.3f}'
             f"<br><code>{html.escape(row['key'])}</code><br>{html.escape(row['caption'])}</figcaption></figure>"
         )
-    head = f'<img src="{_thumbnail(query_image)}" alt="query">' if query_image else ""
+    head = f'<img src="{thumbnail(query_image)}" alt="query">' if query_image else ""
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>knn: " + html.escape(title) + "</title><style>"
         "body{font-family:sans-serif;margin:2em}figure{display:inline-block;width:150px;margin:6px;vertical-align:top;"

@@ -7,6 +7,7 @@ data/<name>/shards/            webdataset tars NNNNN.tar + img2dataset's NNNNN.p
 data/<name>/download.json      summary of the download job
 data/<name>/embeddings/        NNNNN.parquet per tar + _manifest.json
 data/<name>/index/             faiss indices, ids, index.json
+data/<name>/views/             curated keep-lists: <view>.parquet + <view>.json (embeddings/views.py)
 """
 
 from __future__ import annotations
@@ -54,3 +55,7 @@ class DataLayout:
     @property
     def index(self) -> Path:
         return self.root / "index"
+
+    @property
+    def views(self) -> Path:
+        return self.root / "views"

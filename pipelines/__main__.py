@@ -1,6 +1,6 @@
 """Command line of the data jobs: `python -m pipelines JOB --config NAME_OR_PATH [--set key=value]`.
 
-Jobs: data, download, ingest, embed, reset-embeddings, index, knn, export-clip-retrieval,
+Jobs: data, download, ingest, embed, reset-embeddings, index, curate, knn, export-clip-retrieval,
 import-clip-retrieval. `--config` takes a data config's path or a data set's name (configs/data/NAME.yaml,
 else data/NAME/data.yaml). A config mistake prints `error: ...` naming it and exits with status 2; an
 embed job that met damaged shards finishes the others, names them with the command that repairs
@@ -24,6 +24,7 @@ _JOBS = {
     "embed": "CLIP-embed the shards into Parquet embedding shards",
     "reset-embeddings": "remove the embeddings and indices, to embed again with another CLIP",
     "index": "build faiss indices over the embedding shards",
+    "curate": "write a view: the keys to train on, with a reason for every dropped one",
     "knn": "nearest neighbours of a text, an image or a key",
     "export-clip-retrieval": "write the embeddings in clip-retrieval's layout",
     "import-clip-retrieval": "read a clip-retrieval folder into embedding shards",
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("-k", type=int, default=10, help="neighbours to show")
             p.add_argument("--kind", choices=("image", "text"), default="image", help="index to search")
             p.add_argument("--out-dir", default="outputs/knn", help="folder of the HTML page")
+        if job == "curate":
+            p.add_argument("--view", required=True, help="the view's name: data/<name>/views/<view>.parquet")
         if job == "export-clip-retrieval":
             p.add_argument("--out", help="output folder (default: data/<name>/clip_retrieval)")
         if job == "import-clip-retrieval":
@@ -147,6 +150,13 @@ def _run(args) -> None:
                 f"{kind:>5}: {entry['factory']:<16} {info['count']} vectors, recall@10 vs exact {entry['recall_at_10']:.3f}"
             )
         print(f"index: {layout.index}/   summary: {layout.index / 'index.json'}")
+    elif args.job == "curate":
+        summary = jobs.run_curate(config, args.view)
+        dropped = ", ".join(f"{why} {count}" for why, count in summary["dropped"].items()) or "none"
+        print(f"view {args.view!r}: kept {summary['kept']} of {summary['rows']} rows; dropped: {dropped}")
+        print(
+            f"view: {layout.views / args.view}.parquet   summary: {layout.views / args.view}.json   page: {summary['page']}"
+        )
     elif args.job == "knn":
         from embeddings.knn import format_table, knn
 

@@ -14,6 +14,7 @@ it takes a config path (`find_data_config`).
     download: {...}              # make download: keywords of pipelines.download.download
     embed: {...}                 # make embed: keywords of pipelines.embed.embed (encoder: {model, ...})
     index: {...}                 # make index: keywords of embeddings.index.build_indices
+    curate: {...}                # make curate: keywords of pipelines.curate.curate
 
 Every key is checked when the file is loaded; an unknown key, a missing URL list or a missing
 column is a ConfigError that names it.
@@ -40,6 +41,7 @@ from embeddings.config import (
 )
 from embeddings.encoders import EncoderSpec, spec_from_text
 from embeddings.layout import DataLayout
+from pipelines import curate as curate_job
 from pipelines import download as download_job
 from pipelines import embed as embed_job
 from pipelines import synthetic
@@ -56,6 +58,8 @@ _SET_BY_JOB = (
     "shards_dir",
     "embeddings_dir",
     "index_dir",
+    "views_dir",
+    "view",
 )
 
 
@@ -72,6 +76,7 @@ class DataConfig:
     download: dict[str, Any] = field(default_factory=dict)
     embed: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] = field(default_factory=dict)
+    curate: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layout(self) -> DataLayout:
@@ -119,6 +124,7 @@ def new_data_set(name: str, raw: dict, comment: str) -> DataConfig:
         ("download", download_job.download),
         ("embed", embed_job.embed),
         ("index", index_job.build_indices),
+        ("curate", curate_job.curate),
     ):
         check_section(raw.get(section), fn, f"SET: {section}", exclude=_SET_BY_JOB)
     config = DataConfig(**dict(raw, name=name))
@@ -154,6 +160,7 @@ def load_data_config(path: str | Path, overrides: list[str] | None = None) -> Da
     check_section(raw.get("download"), download_job.download, f"{path}: download", exclude=_SET_BY_JOB)
     check_section(raw.get("embed"), embed_job.embed, f"{path}: embed", exclude=_SET_BY_JOB)
     check_section(raw.get("index"), index_job.build_indices, f"{path}: index", exclude=_SET_BY_JOB)
+    check_section(raw.get("curate"), curate_job.curate, f"{path}: curate", exclude=_SET_BY_JOB)
     encoder = (raw.get("embed") or {}).get("encoder")
     if encoder is not None:
         check_keys(encoder, list(EncoderSpec.__dataclass_fields__), f"{path}: embed.encoder")
@@ -228,3 +235,12 @@ def reset_embeddings(config: DataConfig) -> list[Path]:
 def run_index(config: DataConfig) -> dict:
     """`make index`: faiss indices over data/<name>/embeddings/ into data/<name>/index/."""
     return index_job.build_indices(config.layout.embeddings, config.layout.index, **config.index)
+
+
+def run_curate(config: DataConfig, view: str) -> dict:
+    """`make curate`: the view `view` of data/<name>/'s embeddings into data/<name>/views/,
+    with its HTML page; returns the summary, the page's path under 'page'."""
+    from pipelines.curate_page import write_view_page
+
+    summary = curate_job.curate(config.layout.embeddings, config.layout.views, view, **config.curate)
+    return dict(summary, page=str(write_view_page(config.layout, view)))

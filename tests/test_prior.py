@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from embeddings import store
 from training.prior import PriorModule, evaluate_prior
 from training.export import load_prior
 from training.generate import sample_prior
@@ -296,3 +297,32 @@ def test_a_raw_space_prior_from_scratch_takes_its_clip_statistics_from_the_train
     raw_sample = sampler.sample(z_t, ["a red circle", "a blue square"], [0, 1], steps=2, raw=True)
     torch.testing.assert_close(unit, torch.nn.functional.normalize(raw_sample, dim=-1))
     assert not torch.allclose(raw_sample.norm(dim=-1), torch.ones(2), atol=1e-3)  # denormalised, not unit
+
+
+def test_a_view_trains_on_its_kept_keys_alone_and_resumes_onto_the_same_batch(prior_settings, tiny_embed, tmp_path):
+    """view=<name>: the job reads only the view's kept train keys; a resumed run continues with the batch an
+    uninterrupted one reads next, as on whole shards."""
+    from pipelines.curate import curate
+
+    settings, root = prior_settings
+    layout = tiny_embed[0].layout
+    table = store.read_table(layout.embeddings, ["key", "split"]).to_pylist()
+    dropped = {r["key"] for r in table if r["split"] == "train"}
+    dropped = set(sorted(dropped)[::3])
+    (tmp_path / "keys.txt").write_text("\n".join(sorted(dropped)))
+    curate(
+        layout.embeddings,
+        layout.index,
+        layout.views,
+        "prior-test",
+        near_duplicate=None,
+        opt_out_keys=str(tmp_path / "keys.txt"),
+    )
+    view = dict(view="prior-test", val_every=1000, batch_size=8)
+    _, whole = _run(settings, root, "view-whole", max_steps=10, resume=None, **view)
+    seen = [k for batch in whole.keys for k in batch]
+    assert seen and not set(seen) & dropped
+    _, first = _run(settings, root, "view-split", max_steps=10, checkpoint_every=4, resume=None, stop_at=4, **view)
+    checkpoint = root / "view-split" / "train-prior-tiny" / "checkpoints" / "step000004.ckpt"
+    _, second = _run(settings, root, "view-split", max_steps=10, resume=str(checkpoint), **view)
+    assert first.keys + second.keys == whole.keys

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from embeddings.encoders import save_clip_folder
 from embeddings.tars import iter_tar_samples
 from training.clip_eval import evaluate_clip
-from training.data import decode_image, read_tar_range, tar_shards
+from training.data import decode_image, read_tar_range, tar_shards, view_keys
 from training.settings import JobSpec, Run
 from training.trainer import (
     StreamingDataModule,
@@ -152,7 +152,8 @@ def _collate_val(batch):
 
 
 class ClipDataModule(StreamingDataModule):
-    """Train: the train-split tars, streamed. Val: up to `val_samples` val-split samples, in order."""
+    """Train: the train-split tars (a view's kept samples with `keep`), streamed. Val: up to `val_samples`
+    val-split samples, in order, whatever the view."""
 
     worker_init_fn = staticmethod(_one_thread)  # data workers decode; the trainer's threads do the maths
 
@@ -166,14 +167,15 @@ class ClipDataModule(StreamingDataModule):
         seed: int = 0,
         shuffle_buffer: int = 2000,
         val_samples: int = 1500,
+        keep: dict | None = None,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
-        self.shards_dir, self.val_samples = shards_dir, val_samples
+        self.shards_dir, self.val_samples, self.keep = shards_dir, val_samples, keep
         self.pixels = PixelPipe(model)
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model["text_cfg"].get("context_length", 77))
 
     def train_shards(self) -> list:
-        return tar_shards(self.shards_dir, "train")
+        return tar_shards(self.shards_dir, "train", self.keep)
 
     def read(self, shard, start: int, stop: int):
         return read_tar_range(shard, start, stop)
@@ -203,7 +205,7 @@ class ClipRun(Run):
 
 CLIP_JOB = JobSpec(
     {"run": ClipRun, "module": ClipModule, "data": ClipDataModule, "trainer": build_trainer},
-    exclude=("shards_dir", "run_dir", "callbacks", "strategy", "launcher"),
+    exclude=("shards_dir", "keep", "run_dir", "callbacks", "strategy", "launcher"),
     sections={"model": ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale")},
 )
 
@@ -225,7 +227,7 @@ def train_clip(**settings) -> dict:
     seed, model = parts["data"]["seed"], parts["module"]["model"]
     L.seed_everything(seed, workers=True)
     module = ClipModule(**parts["module"])
-    datamodule = ClipDataModule(str(layout.shards), **parts["data"])
+    datamodule = ClipDataModule(str(layout.shards), **parts["data"], keep=view_keys(layout, run.view))
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     metrics = {**steps_reached(trainer), **getattr(module, "metrics", {})}

@@ -10,11 +10,12 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 from PIL import Image
 
-from embeddings import store
+from embeddings import store, views
 from embeddings.config import ConfigError
-from embeddings.tars import finished_tars, iter_tar_samples, tar_info
+from embeddings.tars import IMAGE_EXTENSIONS, finished_tars, iter_tar_samples, tar_info, tar_members
 from training.streaming import Shard
 
 
@@ -32,25 +33,50 @@ def unsplit(shard) -> ConfigError:
     )
 
 
-def tar_shards(shards_dir: str | Path, split: str | None = "train") -> list[Shard]:
-    """Finished tars of one split (every tar when `split` is None); a tar without a split is an error."""
+def view_keys(layout, view: str | None) -> dict[str, frozenset[str]] | None:
+    """A view's kept keys per shard name, checked against the data set's embeddings (None without a view)."""
+    if not view:
+        return None
+    return views.kept_keys(layout.views, view, store.complete_manifest(layout.embeddings))
+
+
+def tar_shards(shards_dir: str | Path, split: str | None = "train", keep: dict | None = None) -> list[Shard]:
+    """Finished tars of one split (every tar when `split` is None); a tar without a split is an error. With
+    `keep` (view_keys), each tar counts only its kept samples and carries them (Shard.keep)."""
     shards = []
     for tar in finished_tars(shards_dir):
         count, tar_split = tar_info(tar)
         if split is not None and tar_split is None:
             raise unsplit(tar)
         if split is None or tar_split == split:
-            shards.append(Shard(str(tar), count))
+            if keep is None:
+                shards.append(Shard(str(tar), count))
+                continue
+            kept = keep.get(store.shard_name(tar), frozenset())
+            count = sum(key in kept for key in tar_image_keys(tar))
+            if count:
+                shards.append(Shard(str(tar), count, kept))
     if not shards:
         raise FileNotFoundError(f"no {split or ''} shards in {shards_dir}: run `make download` first")
     return shards
 
 
+def tar_image_keys(tar_path: str | Path) -> list[str]:
+    """Keys of the samples that have an image, in tar order (reads headers only)."""
+    keys = []
+    for member, _ in tar_members(tar_path, read=False):
+        key, _, ext = member.name.rpartition(".")
+        if ext in IMAGE_EXTENSIONS:
+            keys.append(key)
+    return keys
+
+
 def read_tar_range(shard: Shard, start: int, stop: int) -> Iterator[dict]:
-    """Samples number start..stop-1 (those with an image, in tar order) of a tar: raw bytes, unparsed."""
+    """Samples number start..stop-1 (those with an image, and kept by the shard's view, in tar order) of a tar:
+    raw bytes, unparsed."""
     position = 0
     for sample in iter_tar_samples(shard.path):
-        if sample["image"] is None:
+        if sample["image"] is None or not shard.keeps(sample["key"]):
             continue
         if position >= stop:
             return
@@ -65,9 +91,9 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") -> list[Shard]:
+def embedding_shards(embeddings_dir: str | Path, split: str | None = "train", keep: dict | None = None) -> list[Shard]:
     """Finished embedding shards holding `split` (every shard when None; rows counted from the Parquet
-    metadata); a shard without a split is an error."""
+    metadata); a shard without a split is an error. With `keep` (view_keys) each counts and carries its kept rows."""
     shards = []
     for path in store.shard_paths(embeddings_dir):
         meta = store.shard_file(path)
@@ -81,7 +107,10 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train") ->
                 raise unsplit(path)
             if splits != {split}:
                 continue
-        shards.append(Shard(str(path), meta.metadata.num_rows))
+        if keep is None:
+            shards.append(Shard(str(path), meta.metadata.num_rows))
+        elif keep.get(store.shard_name(path)):
+            shards.append(Shard(str(path), len(keep[store.shard_name(path)]), keep[store.shard_name(path)]))
     if not shards:
         raise FileNotFoundError(f"no {split or ''} embedding shards in {embeddings_dir}: run `make embed` first")
     return shards
@@ -95,8 +124,14 @@ def require_norm_columns(shards: list[Shard]) -> None:
 
 
 def read_parquet_range(shard: Shard, start: int, stop: int, columns: list[str] | None = None) -> Iterator[dict]:
-    """Rows start..stop-1 of an embedding shard as dicts (embeddings as float32 row vectors)."""
-    table = store.read_shard(shard.path, columns=columns).slice(start, stop - start)
+    """Rows start..stop-1 (of those the shard's view keeps) of an embedding shard as dicts (embeddings as float32
+    row vectors)."""
+    if shard.keep is None:
+        table = store.read_shard(shard.path, columns=columns).slice(start, stop - start)
+    else:
+        table = store.read_shard(shard.path, columns=None if columns is None else sorted({"key", *columns}))
+        table = table.filter(pa.array([shard.keeps(k) for k in table.column("key").to_pylist()]))
+        table = table.slice(start, stop - start).select(columns or table.column_names)
     names = table.column_names
     values = [
         list(store.arrow_to_vectors(table.column(c))) if c in store.EMBEDDING_COLUMNS else table.column(c).to_pylist()

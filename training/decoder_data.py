@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from embeddings import storage, store
-from embeddings.tars import IMAGE_EXTENSIONS, iter_tar_samples, tar_members
-from training.data import check_val_split, decode_image, tar_shards
+from embeddings.tars import iter_tar_samples
+from training.data import check_val_split, decode_image, tar_image_keys, tar_shards
 from training.streaming import Shard
 from training.trainer import StreamingDataModule
 
@@ -46,20 +46,11 @@ class JoinReport:
         return text
 
 
-def tar_image_keys(tar_path: str | Path) -> list[str]:
-    """Keys of the samples that have an image, in tar order (reads headers only)."""
-    keys = []
-    for member, _ in tar_members(tar_path, read=False):
-        key, _, ext = member.name.rpartition(".")
-        if ext in IMAGE_EXTENSIONS:
-            keys.append(key)
-    return keys
-
-
 def joined_shards(
-    shards_dir: str | Path, embeddings_dir: str | Path, split: str | None = "train"
+    shards_dir: str | Path, embeddings_dir: str | Path, split: str | None = "train", keep: dict | None = None
 ) -> tuple[list[Shard], JoinReport]:
-    """One Shard per tar of `split` whose count is its joined samples, and the join report."""
+    """One Shard per tar of `split` whose count is its joined samples, and the join report. With `keep`
+    (training/data.py:view_keys) a tar counts and carries only its kept keys; the report is of the whole join."""
     embeddings_dir = storage.as_path(embeddings_dir)
     done = {store.shard_name(p) for p in store.shard_paths(embeddings_dir)}
     shards, report = [], JoinReport()
@@ -75,8 +66,10 @@ def joined_shards(
         report.joined += joined
         report.missing_embedding += len(image_keys) - joined
         report.missing_image += len(embedded - set(image_keys))
-        if joined:
-            shards.append(Shard(tar.path, joined))
+        kept = None if keep is None else keep.get(name, frozenset())
+        count = joined if kept is None else sum(k in embedded and k in kept for k in image_keys)
+        if count:
+            shards.append(Shard(tar.path, count, kept))
     if not shards:
         raise FileNotFoundError(
             f"no {split or ''} samples join {shards_dir} with {embeddings_dir}: run `make embed` first"
@@ -110,7 +103,8 @@ def to_image_batch(rows: list[dict]) -> dict:
 
 
 class ImageEmbeddingDataModule(StreamingDataModule):
-    """Train: the train split's joined samples, streamed. Val: the first `val_samples` joined val samples.
+    """Train: the train split's joined samples (a view's kept keys with `keep`), streamed. Val: the first
+    `val_samples` joined val samples, whatever the view.
     With `raw_norms` (a decoder in Karlo's layout) z_i and z_t are the raw CLIP vectors, unit × the norm columns
     (shards without them are refused)."""
 
@@ -129,10 +123,11 @@ class ImageEmbeddingDataModule(StreamingDataModule):
         val_samples: int = 256,
         val_split: str = "val",
         raw_norms: bool = False,
+        keep: dict | None = None,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
         check_val_split(val_split)
-        self.raw_norms = raw_norms
+        self.raw_norms, self.keep = raw_norms, keep
         self.shards_dir, self.embeddings_dir, self.image_size = shards_dir, storage.as_path(embeddings_dir), image_size
         self.val_samples, self.val_split = val_samples, val_split
         self.reports: dict[str, JoinReport] = {}
@@ -141,7 +136,8 @@ class ImageEmbeddingDataModule(StreamingDataModule):
     def shards(self, split: str) -> list[Shard]:
         """The joined shards of a split (computed once); prints the join report."""
         if split not in self._shards:
-            self._shards[split], self.reports[split] = joined_shards(self.shards_dir, self.embeddings_dir, split)
+            keep = self.keep if split == "train" else None
+            self._shards[split], self.reports[split] = joined_shards(self.shards_dir, self.embeddings_dir, split, keep)
             print(f"{split}: {self.reports[split]}")
         return self._shards[split]
 
@@ -158,7 +154,7 @@ class ImageEmbeddingDataModule(StreamingDataModule):
         captions = table.column("caption").to_pylist()
         position = 0
         for sample in iter_tar_samples(shard.path):
-            if sample["image"] is None or sample["key"] not in row_of:
+            if sample["image"] is None or sample["key"] not in row_of or not shard.keeps(sample["key"]):
                 continue
             if position >= stop:
                 return

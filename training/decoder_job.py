@@ -15,7 +15,7 @@ import lightning as L
 
 from embeddings import store
 from training.conditioning import fit_text_tokens
-from training.data import embedding_shards, require_norm_columns
+from training.data import embedding_shards, require_norm_columns, view_keys
 from training.decoder import DecoderModule, UpsamplerModule
 from training.decoder_data import ImageEmbeddingDataModule
 from training.decoder_net import DecoderConfig, UpsamplerConfig
@@ -25,7 +25,7 @@ from training.samplers import DecoderSampling, UpsamplerSampling
 from training.settings import ExportRun, JobSpec, check_dim, clip_record
 from training.trainer import build_trainer, resume_checkpoint, steps_reached
 
-_SET_BY_JOB = ("clip", "shards_dir", "embeddings_dir", "image_size", "raw_norms", "run_dir", "callbacks")
+_SET_BY_JOB = ("clip", "shards_dir", "embeddings_dir", "image_size", "raw_norms", "keep", "run_dir", "callbacks")
 DECODER_JOB = JobSpec(
     {"run": ExportRun, "module": DecoderModule, "data": ImageEmbeddingDataModule, "trainer": build_trainer},
     exclude=_SET_BY_JOB,
@@ -83,7 +83,12 @@ def _fit(module, run: ExportRun, parts: dict, manifest: dict) -> dict:
     module.grid_dir = run_dir / "samples"
     raw = getattr(module.config, "raw", False)  # a decoder in Karlo's layout reads raw CLIP vectors
     datamodule = ImageEmbeddingDataModule(
-        str(layout.shards), str(layout.embeddings), image_size=module.config.image_size, raw_norms=raw, **parts["data"]
+        str(layout.shards),
+        str(layout.embeddings),
+        image_size=module.config.image_size,
+        raw_norms=raw,
+        keep=view_keys(layout, run.view),
+        **parts["data"],
     )
     for split in ("train", datamodule.val_split):  # the join reads every tar and shard now: damage is named here
         datamodule.shards(split)

@@ -221,8 +221,9 @@ def to_batch(rows: list[dict]) -> dict:
 
 
 class PriorDataModule(StreamingDataModule):
-    """Train: the train-split embedding shards, streamed. Val: the first `val_pairs` val rows. With `raw_norms`
-    (a prior in raw CLIP space), the rows carry the norm columns too."""
+    """Train: the train-split embedding shards (a view's kept rows with `keep`), streamed. Val: the first
+    `val_pairs` val rows, whatever the view, so runs on different views are compared on one val set. With
+    `raw_norms` (a prior in raw CLIP space), the rows carry the norm columns too."""
 
     collate_fn = staticmethod(to_batch)
 
@@ -237,16 +238,18 @@ class PriorDataModule(StreamingDataModule):
         val_pairs: int = 1000,
         val_split: str = "val",
         raw_norms: bool = False,
+        keep: dict | None = None,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
         check_val_split(val_split)
         self.embeddings_dir, self.val_pairs, self.val_split = embeddings_dir, val_pairs, val_split
+        self.keep = keep  # a view's kept keys per shard (training/data.py:view_keys): train reads only those
         self.columns = ["key", "caption", "image_embedding", "text_embedding"]
         if raw_norms:
             self.columns += list(store.NORM_COLUMNS.values())
 
     def train_shards(self) -> list:
-        return embedding_shards(self.embeddings_dir, "train")
+        return embedding_shards(self.embeddings_dir, "train", self.keep)
 
     def read(self, shard, start, stop):
         return read_parquet_range(shard, start, stop, self.columns)

@@ -15,7 +15,7 @@ import lightning as L
 from embeddings import store
 from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
-from training.data import embedding_shards, require_norm_columns
+from training.data import embedding_shards, require_norm_columns, view_keys
 from training.export import save_export
 from training.prior import PriorDataModule, PriorModule, raw_statistics, to_batch
 from training.prior_net import PriorConfig
@@ -26,7 +26,7 @@ from training.trainer import build_trainer, resume_checkpoint, steps_reached
 
 PRIOR_JOB = JobSpec(
     {"run": Run, "module": PriorModule, "data": PriorDataModule, "trainer": build_trainer},
-    exclude=("clip", "embeddings_dir", "run_dir", "callbacks", "raw_norms"),
+    exclude=("clip", "embeddings_dir", "run_dir", "callbacks", "raw_norms", "keep"),
     sections={"prior": PriorConfig, "sampling": PriorSampling},
 )
 
@@ -70,7 +70,9 @@ def train_prior(**settings) -> dict:
     run_dir = Path(run.outputs_root) / f"train-prior-{name}"
     L.seed_everything(hp["seed"], workers=True)
     module = PriorModule(**dict(hp, prior=prior, clip=clip))
-    datamodule = PriorDataModule(str(layout.embeddings), **parts["data"], raw_norms=raw)
+    datamodule = PriorDataModule(
+        str(layout.embeddings), **parts["data"], raw_norms=raw, keep=view_keys(layout, run.view)
+    )
     for split in ("train", datamodule.val_split):  # every shard's footer read: a damaged one is named now
         shards = embedding_shards(layout.embeddings, split)
         if raw:  # a prior in raw CLIP space reads unit × norm

@@ -28,6 +28,7 @@ class Run:
     data_root: str | None = None  # overrides the data config's data_root
     name: str | None = None  # models/<name>/ and outputs/train-<kind>-<name>/ (default: the data set's name)
     resume: str | None = "auto"  # auto: the run's last.ckpt if any; a path; never (or null): start afresh
+    view: str | None = None  # train on the kept keys of data/<name>/views/<view>.parquet (make curate VIEW=...)
     models_root: str = "models"
     outputs_root: str = "outputs"
 

@@ -27,10 +27,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard: where it is and how many samples it holds."""
+    """One shard: where it is and how many samples it holds. With `keep` (a view's kept keys of this shard,
+    embeddings/views.py) a reader passes over every other sample before counting positions, and `count`
+    counts the kept ones, so the plan below splits and resumes a view exactly as it does whole shards."""
 
     path: str
     count: int
+    keep: frozenset[str] | None = None
+
+    def keeps(self, key: str) -> bool:
+        """Whether the sample `key` is read (always, without a view)."""
+        return self.keep is None or key in self.keep
 
 
 def rank_and_world() -> tuple[int, int]:
