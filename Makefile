@@ -82,7 +82,8 @@ format: setup ## format the code with ruff (make test checks that it is formatte
 
 DEMO_PROMPTS := configs/demo-prompts.txt
 # Wall-clock budgets of the demo's training stages (each stops at its step count or its budget, whichever
-# comes first), sized so the demo ends within 30 minutes on a machine twice as slow as the README's.
+# comes first), sized for a machine twice as slow as the README's, where the demo takes about 34 minutes
+# (an estimate: README, "Results"; the exportable prior's sampling made it longer than issue 17's 30).
 DEMO_BUDGET_PRIOR := 00:02:30
 DEMO_BUDGET_DECODER := 00:05:00
 DEMO_BUDGET_UPSAMPLER := 00:02:30

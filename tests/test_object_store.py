@@ -129,8 +129,8 @@ def _run(args: list[str], env: dict) -> str:
 
 @pytest.fixture(scope="module")
 def on_s3(s3, tiny_embed, tiny_clip_dir, tmp_path_factory):
-    """download, embed (then one shard lost and embedded again), index, knn and both trainers with
-    data_root on S3: (root URI, {step: output}, local folder of models and outputs)."""
+    """download, embed (then one shard lost and embedded again), index, knn, curate and both trainers (the
+    prior on the view) with data_root on S3: (root URI, {step: output}, local folder of models and outputs)."""
     env, client = s3
     config, _ = tiny_embed
     root, local = f"s3://{BUCKET}/data", tmp_path_factory.mktemp("s3-jobs")
@@ -163,7 +163,9 @@ def on_s3(s3, tiny_embed, tiny_clip_dir, tmp_path_factory):
         "--set",
         f"outputs_root={local / 'outputs'}",
     ]
-    out["prior"] = _run(["training", "prior", "--config", "configs/prior/tiny.yaml", *training], env)
+    # A view on S3 (exact duplicates only: the tiny CLIP's random weights put every image near every other).
+    out["curate"] = _run(["pipelines", "curate", *data, "--view", "v", "--set", "curate.near_duplicate=null"], env)
+    out["prior"] = _run(["training", "prior", "--config", "configs/prior/tiny.yaml", *training, "--set", "view=v"], env)
     out["decoder"] = _run(
         [
             "training",
@@ -219,8 +221,11 @@ def test_index_and_knn_read_from_s3(on_s3, s3_env):
     assert len(list((local / "knn").glob("*.html"))) == 1
 
 
-def test_prior_and_decoder_train_from_s3(on_s3):
-    _, out, local = on_s3
+def test_prior_and_decoder_train_from_s3(on_s3, s3_env):
+    root, out, local = on_s3
+    view = json.loads(storage.as_path(f"{root}/tiny/views/v.json").read_text())  # curated on S3, trained on
+    assert f"view 'v': kept {view['kept']} of {view['rows']}" in out["curate"] and view["kept"] > 0
+    assert storage.as_path(f"{root}/tiny/views/v.html").is_file()
     prior = json.loads((local / "models" / "tiny" / "prior" / "config.json").read_text())
     decoder = json.loads((local / "models" / "tiny" / "decoder" / "config.json").read_text())
     assert prior["metrics"]["step"] == 12 and decoder["metrics"]["step"] == 3

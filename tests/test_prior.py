@@ -312,7 +312,6 @@ def test_a_view_trains_on_its_kept_keys_alone_and_resumes_onto_the_same_batch(pr
     (tmp_path / "keys.txt").write_text("\n".join(sorted(dropped)))
     curate(
         layout.embeddings,
-        layout.index,
         layout.views,
         "prior-test",
         near_duplicate=None,
