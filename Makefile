@@ -46,7 +46,7 @@ JOB_train-prior = training prior --config $(PRIOR_CONFIG) $(TRAIN_DATA)
 JOB_train-decoder = training decoder --config $(DECODER_CONFIG) $(TRAIN_DATA)
 JOB_train-upsampler = training upsampler --config $(UPSAMPLER_CONFIG) $(TRAIN_DATA)
 
-.PHONY: help setup lock test test-all format demo data download ingest embed reset-embeddings index knn \
+.PHONY: help setup lock test test-all format demo data download ingest embed reset-embeddings index curate knn \
 	export-clip-retrieval import-clip-retrieval train-clip eval-clip train-prior sample-prior train-decoder export-diffusers \
 	train-upsampler sample variations interpolate textdiff eval submit bench-download bench-embed clean
 
@@ -89,10 +89,10 @@ DEMO_BUDGET_DECODER := 00:05:00
 DEMO_BUDGET_UPSAMPLER := 00:02:30
 DEMO_OUT := outputs/demo
 # Each stage is its own make call, so an interrupted demo resumes: finished shards are skipped and
-# trainers continue from their last checkpoint (`make clean` starts afresh). To fit 30 minutes on 2 cores
+# trainers continue from their last checkpoint (`make clean` starts afresh). To stay short on 2 cores
 # the demo trains the prior 300 steps (default 600), the decoders 800 (default 2 800) and the
 # upsampler 400 (default 500); `make train-decoder` etc. afterwards continue them to the defaults.
-# The prior skips its in-training validation (val_every beyond its steps): the job's final evaluation
+# The prior skips its in-training validation (val_every beyond its 300 steps): the job's final evaluation
 # measures the same 1 000 val pairs. Its prior, decoder and upsampler are in the form diffusers runs: it
 # ends by exporting them.
 demo: setup ## the whole pipeline on the embedded default (committed CLIP): data → ... → eval; results in outputs/demo/
@@ -136,7 +136,7 @@ reset-embeddings: setup ## remove data/<name>/embeddings/ and index/, to embed a
 index: setup ## faiss image and text indices over the embeddings into data/<name>/index/
 	$(PY) -m $(JOB_index) $(SET_OPTS)
 
-curate: setup ## VIEW=name: which keys to train on (dedup via the index, filters) into data/<name>/views/<view>.parquet + .json
+curate: setup ## VIEW=name: which keys to train on (near and exact duplicates, filters) into data/<name>/views/<view>.parquet + .json
 	@test -n "$(VIEW)" || { echo 'usage: make curate VIEW=clean [NAME=...] [SET="curate.near_duplicate=0.97"]'; exit 2; }
 	$(PY) -m $(JOB_curate) $(SET_OPTS)
 
@@ -205,7 +205,7 @@ bench-download: setup ## images/s of data + download on a fresh copy of the data
 SUBMIT_PYTHON ?= python
 submit: setup ## JOB=embed|download|index|curate|export-clip-retrieval|train-prior|train-decoder|train-upsampler as a Ray batch job at RAY_ADDRESS=http://head:8265
 	@test -n "$(JOB_$(JOB))" -a -n "$(RAY_ADDRESS)" || { echo 'usage: make submit JOB=embed RAY_ADDRESS=http://head:8265 [NAME=...] [SET="data_root=/mnt/shared/data"]'; \
-		echo '  JOB: download embed index export-clip-retrieval train-clip train-prior train-decoder train-upsampler'; exit 2; }
+		echo '  JOB: download embed index curate export-clip-retrieval train-clip train-prior train-decoder train-upsampler'; exit 2; }
 	$(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . -- \
 		$(SUBMIT_PYTHON) -m $(JOB_$(JOB)) $(SET_OPTS)
 

@@ -4,12 +4,14 @@ Every filter is optional; a dropped row records the first reason that applies, i
 opt-out lists (keys, URLs, domains: one file each, one entry a line), image size and aspect ratio (the
 shard metadata's original size where img2dataset recorded it), caption–image agreement (the cosine of a
 pair's embeddings, below a threshold or below a quantile of all rows), linear score heads on the image
-embedding (LAION's aesthetic and NSFW heads are published in this form; each score becomes a column),
+embedding (a weight vector and a bias, the form of LAION's linear aesthetic head; each score becomes a column),
 then duplicates among the rows still kept: exact ones by the `sha256` column img2dataset writes, then
 near ones among the rest, by image-embedding cosine at or above `near_duplicate`. Near duplicates are found within clusters of
 the vectors (`near_pairs`, never all pairs) and grouped with a union-find;
 each group keeps its row of highest caption–image agreement (ties: the smallest key), so the result
-depends only on the data and the settings.
+depends only on the data and the settings (and, through k-means, on the machine's thread count). Groups
+chain: A near B and B near C put A and C in one group even where A and C are further apart than the
+threshold (the summary reports the lowest similarity of a dropped row to the row its group kept).
 """
 
 from __future__ import annotations
@@ -181,17 +183,19 @@ def curate(
         if path:
             if urls is None:
                 raise ConfigError(f"{why.replace('_', ' ')} needs a url column; these embeddings have none")
-            entries = (
-                read_list(path) if why == "opt_out_url" else {d.lower().removeprefix("www.") for d in read_list(path)}
-            )
-            drop(np.array([value(u) in entries for u in urls]), why)
+            if why == "opt_out_url":
+                entries = read_list(path)
+                drop(np.array([u in entries for u in urls]), why)
+            else:  # the domain and its subdomains
+                entries = {d.lower().removeprefix("www.") for d in read_list(path)}
+                hosts = [value(u) for u in urls]
+                drop(np.array([any(h == d or h.endswith("." + d) for d in entries) for h in hosts]), why)
     if min_size is not None or max_aspect is not None:
-        width = column("original_width") or column("width")
-        height = column("original_height") or column("height")
-        if width is None or height is None:
+        sizes = lambda name: np.array([np.nan if v is None else v for v in column(name) or [None] * n], float)
+        w = np.where(np.isnan(sizes("original_width")), sizes("width"), sizes("original_width"))  # per row
+        h = np.where(np.isnan(sizes("original_height")), sizes("height"), sizes("original_height"))
+        if np.isnan(w).all() or np.isnan(h).all():
             raise ConfigError("min_size / max_aspect need width and height columns; these embeddings have none")
-        w = np.array([np.nan if v is None else v for v in width], float)
-        h = np.array([np.nan if v is None else v for v in height], float)
         if min_size is not None:
             drop(np.fmin(w, h) < min_size, "size")
         if max_aspect is not None:
@@ -273,6 +277,8 @@ def curate(
         "duplicate_groups": len(group_sizes),
         "largest_group": max(group_sizes, default=0),
         "near_duplicate_links": links,
+        "lowest_duplicate_similarity": float(np.nanmin(similarity)) if np.isfinite(similarity).any() else None,
+        "exact_duplicates_checked": sha is not None,
         "agreement_cut": cut,
         "settings": settings,
         "made_against": views.made_against(manifest),

@@ -65,11 +65,15 @@ def write_view_page(layout, view: str, per_reason: int = 12, groups: int = 10):
         if row["duplicate_of"]:
             members.setdefault(row["duplicate_of"], []).append(row)
     largest = sorted(members.items(), key=lambda item: (-len(item[1]), item[0]))[:groups]
-    wanted = {r["key"]: r["shard"] for rs in shown.values() for r in rs}
+    # No thumbnails of opted-out images (their keys and captions are shown); none where the tars are absent.
+    wanted = {r["key"]: r["shard"] for rs in shown.values() for r in rs if not r["reason"].startswith("opt_out")}
     for keeper, rs in largest:
         wanted[keeper] = by_key[keeper]["shard"]
         wanted.update({r["key"]: r["shard"] for r in rs})
-    images = read_images(layout.shards, wanted)
+    try:
+        images = read_images(layout.shards, wanted)
+    except (OSError, ValueError):  # no tars (imported embeddings) or a damaged one: the page without pictures
+        images = {}
     settings = summary["settings"]
     parts = [
         f"<h1>view {html.escape(view)}: kept {summary['kept']} of {summary['rows']}</h1>",

@@ -215,3 +215,25 @@ def test_the_decoder_and_clip_streams_read_only_a_views_kept_keys(tiny_embed, tm
     clip_shards = tar_shards(layout.shards, "train", keep)
     seen = [s["key"] for shard in clip_shards for s in read_tar_range(shard, 0, shard.count)]
     assert sorted(seen) == sorted(kept) and sum(s.count for s in clip_shards) == len(kept)
+
+
+def test_the_clustered_search_finds_what_all_pairs_finds_and_never_more():
+    """near_pairs on 5 000 rows (k-means clusters): with every cluster searched it equals exact all-pairs
+    search; with 2 of 8 it finds a subset of those pairs and most of them."""
+    from pipelines.curate import near_pairs
+
+    rng = np.random.default_rng(1)
+    vectors = _unit(rng.normal(size=(5000, DIM)))
+    sources = rng.choice(4800, 200, replace=False)
+    vectors[4800:] = _unit(vectors[sources] + 0.02 * rng.normal(size=(200, DIM)))
+    rows = np.arange(len(vectors))
+    scores = vectors @ vectors.T
+    exact = {(int(i), int(j)) for i, j in zip(*np.nonzero(scores >= 0.95)) if i < j}
+    assert len(exact) >= 200
+    every = {tuple(p) for p in near_pairs(vectors, rows, 0.95, breadth=8, clusters=8).tolist()}
+    assert every == exact
+    some = {tuple(p) for p in near_pairs(vectors, rows, 0.95, breadth=2, clusters=8).tolist()}
+    assert some <= exact and len(some) >= 0.8 * len(exact)
+    subset = rows[::2]  # pairs among given rows only, as row numbers of the whole table
+    within = {tuple(p) for p in near_pairs(vectors, subset, 0.95, breadth=8, clusters=8).tolist()}
+    assert within == {(i, j) for i, j in exact if i % 2 == 0 and j % 2 == 0}

@@ -364,7 +364,9 @@ def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():
     assert points[1]["glide_like"] is None  # outside the baseline's range of CLIP scores
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "small-cross-attention", "text-small", "laion-64px"])
+@pytest.mark.parametrize(
+    "name", ["tiny", "small", "small-cross-attention", "text-small", "text-small-cross-attention", "laion-64px"]
+)
 def test_every_attention_layer_has_heads_of_head_width(name):
     """channels // head_width heads of head_width each (diffusers reads its argument as a head count)."""
     from training.decoder_net import DecoderConfig, build_decoder

@@ -322,6 +322,6 @@ def test_a_view_trains_on_its_kept_keys_alone_and_resumes_onto_the_same_batch(pr
     seen = [k for batch in whole.keys for k in batch]
     assert seen and not set(seen) & dropped
     _, first = _run(settings, root, "view-split", max_steps=10, checkpoint_every=4, resume=None, stop_at=4, **view)
-    checkpoint = root / "view-split" / "train-prior-tiny" / "checkpoints" / "step000004.ckpt"
+    checkpoint = root / "view-split" / "train-prior-tiny-view-prior-test" / "checkpoints" / "step000004.ckpt"
     _, second = _run(settings, root, "view-split", max_steps=10, resume=str(checkpoint), **view)
     assert first.keys + second.keys == whole.keys

@@ -222,7 +222,7 @@ def train_clip(**settings) -> dict:
     run = ClipRun(**parts["run"])
     layout = run.layout()
     name = run.name or layout.root.name
-    run_dir = Path(run.outputs_root) / f"train-clip-{name}"
+    run_dir = run.run_folder("clip", name)
     export_dir = Path(run.models_root) / name / "clip"
     seed, model = parts["data"]["seed"], parts["module"]["model"]
     L.seed_everything(seed, workers=True)

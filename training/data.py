@@ -56,6 +56,8 @@ def tar_shards(shards_dir: str | Path, split: str | None = "train", keep: dict |
             count = sum(key in kept for key in tar_image_keys(tar))
             if count:
                 shards.append(Shard(str(tar), count, kept))
+    if not shards and keep is not None:
+        raise ConfigError(f"the view keeps no {split or ''} samples of {shards_dir}: curate it with looser settings")
     if not shards:
         raise FileNotFoundError(f"no {split or ''} shards in {shards_dir}: run `make download` first")
     return shards
@@ -110,7 +112,14 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train", ke
         if keep is None:
             shards.append(Shard(str(path), meta.metadata.num_rows))
         elif keep.get(store.shard_name(path)):
-            shards.append(Shard(str(path), len(keep[store.shard_name(path)]), keep[store.shard_name(path)]))
+            kept = keep[store.shard_name(path)]
+            count = sum(k in kept for k in store.read_shard(path, columns=["key"]).column("key").to_pylist())
+            if count:
+                shards.append(Shard(str(path), count, kept))
+    if not shards and keep is not None:
+        raise ConfigError(
+            f"the view keeps no {split or ''} samples of {embeddings_dir}: curate it with looser settings"
+        )
     if not shards:
         raise FileNotFoundError(f"no {split or ''} embedding shards in {embeddings_dir}: run `make embed` first")
     return shards

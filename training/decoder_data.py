@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from embeddings import storage, store
+from embeddings.config import ConfigError
 from embeddings.tars import iter_tar_samples
 from training.data import check_val_split, decode_image, tar_image_keys, tar_shards
 from training.streaming import Shard
@@ -70,6 +71,8 @@ def joined_shards(
         count = joined if kept is None else sum(k in embedded and k in kept for k in image_keys)
         if count:
             shards.append(Shard(tar.path, count, kept))
+    if not shards and keep is not None:
+        raise ConfigError(f"the view keeps no {split or ''} samples of {shards_dir}: curate it with looser settings")
     if not shards:
         raise FileNotFoundError(
             f"no {split or ''} samples join {shards_dir} with {embeddings_dir}: run `make embed` first"

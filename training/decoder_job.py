@@ -79,7 +79,7 @@ def _fit(module, run: ExportRun, parts: dict, manifest: dict) -> dict:
     layout = run.layout()
     name = run.name or layout.root.name
     export = run.export or module.kind
-    run_dir = Path(run.outputs_root) / f"train-{export}-{name}"
+    run_dir = run.run_folder(export, name)
     module.grid_dir = run_dir / "samples"
     raw = getattr(module.config, "raw", False)  # a decoder in Karlo's layout reads raw CLIP vectors
     datamodule = ImageEmbeddingDataModule(
@@ -103,6 +103,7 @@ def _fit(module, run: ExportRun, parts: dict, manifest: dict) -> dict:
         return {"step": trainer.global_step}
     metrics = {
         **reached,
+        "view": run.view,
         "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
         "join": {split: vars(report) for split, report in datamodule.reports.items()},
     }

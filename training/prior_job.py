@@ -67,7 +67,7 @@ def train_prior(**settings) -> dict:
     prior = fit_text_tokens(check_dim("prior", prior, manifest), hp["text_tokens"], clip, "prior")
     raw = PriorConfig(**prior).raw
     name = run.name or layout.root.name
-    run_dir = Path(run.outputs_root) / f"train-prior-{name}"
+    run_dir = run.run_folder("prior", name)
     L.seed_everything(hp["seed"], workers=True)
     module = PriorModule(**dict(hp, prior=prior, clip=clip))
     datamodule = PriorDataModule(
@@ -89,7 +89,7 @@ def train_prior(**settings) -> dict:
     # The final figures, outside Lightning so no rank waits on another (on the training device: Lightning's
     # teardown has moved the module back to the CPU).
     module = module.to(trainer.strategy.root_device).eval()
-    metrics = {**reached, **module.evaluate(to_batch(datamodule.val_rows()))}
+    metrics = {**reached, "view": run.view, **module.evaluate(to_batch(datamodule.val_rows()))}
     folder = Path(run.models_root) / name / "prior"
     save_export(folder, "prior", module.ema, module.export_config(metrics), manifest["encoder"])
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -32,6 +32,11 @@ class Run:
     models_root: str = "models"
     outputs_root: str = "outputs"
 
+    def run_folder(self, kind: str, name: str) -> Path:
+        """outputs/train-<kind>-<name>/, or outputs/train-<kind>-<name>-view-<view>/ on a view: a run on a view
+        never resumes a checkpoint trained on the whole data or on another view (its export is models/<name>/)."""
+        return Path(self.outputs_root) / (f"train-{kind}-{name}" + (f"-view-{self.view}" if self.view else ""))
+
     def layout(self):
         """The data set's folders (embeddings/layout.py), from its config and `data_root`."""
         from pipelines.data_config import load_data_config
