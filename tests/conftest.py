@@ -113,3 +113,12 @@ def vectors_by_key(folder, column: str = "image_embedding") -> dict:
 
     table = store.read_table(folder, columns=["key", column])
     return dict(zip(table.column("key").to_pylist(), store.arrow_to_vectors(table.column(column))))
+
+
+def opt_out_view(layout, view: str, keys, folder) -> None:
+    """Curate `layout`'s data into `view` with `keys` opted out and nothing else dropped but byte-identical
+    copies (the tiny CLIP's random weights put every image near every other: no near-duplicate search)."""
+    from pipelines.curate import curate
+
+    (folder / f"{view}-keys.txt").write_text("\n".join(sorted(keys)))
+    curate(layout.embeddings, layout.views, view, near_duplicate=None, opt_out_keys=str(folder / f"{view}-keys.txt"))

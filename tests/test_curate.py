@@ -11,6 +11,8 @@ from embeddings import store, views
 from embeddings.config import ConfigError
 from pipelines.curate import UnionFind, curate, domain_of
 
+from .conftest import opt_out_view
+
 DIM = 16
 
 
@@ -194,15 +196,7 @@ def test_the_decoder_and_clip_streams_read_only_a_views_kept_keys(tiny_embed, tm
     layout = config.layout
     train = store.read_table(layout.embeddings, ["key", "split"]).to_pylist()
     train_keys = [r["key"] for r in train if r["split"] == "train"]
-    (tmp_path / "keys.txt").write_text("\n".join(train_keys[::4]))
-    # The tiny CLIP's random weights put every image near every other: no near-duplicate search here.
-    curate(
-        layout.embeddings,
-        layout.views,
-        "some",
-        near_duplicate=None,
-        opt_out_keys=str(tmp_path / "keys.txt"),
-    )
+    opt_out_view(layout, "some", train_keys[::4], tmp_path)
     keep = view_keys(layout, "some")
     kept = set(train_keys) & set().union(*keep.values())
     assert kept == set(train_keys) - set(train_keys[::4])

@@ -17,7 +17,7 @@ from training.export import load_prior
 from training.generate import sample_prior
 from training.prior_job import load_prior_config, train_prior
 
-from .conftest import REPO
+from .conftest import REPO, opt_out_view
 
 
 class RecordBatches(L.Callback):
@@ -302,21 +302,12 @@ def test_a_raw_space_prior_from_scratch_takes_its_clip_statistics_from_the_train
 def test_a_view_trains_on_its_kept_keys_alone_and_resumes_onto_the_same_batch(prior_settings, tiny_embed, tmp_path):
     """view=<name>: the job reads only the view's kept train keys; a resumed run continues with the batch an
     uninterrupted one reads next, as on whole shards."""
-    from pipelines.curate import curate
-
     settings, root = prior_settings
     layout = tiny_embed[0].layout
     table = store.read_table(layout.embeddings, ["key", "split"]).to_pylist()
     dropped = {r["key"] for r in table if r["split"] == "train"}
     dropped = set(sorted(dropped)[::3])
-    (tmp_path / "keys.txt").write_text("\n".join(sorted(dropped)))
-    curate(
-        layout.embeddings,
-        layout.views,
-        "prior-test",
-        near_duplicate=None,
-        opt_out_keys=str(tmp_path / "keys.txt"),
-    )
+    opt_out_view(layout, "prior-test", dropped, tmp_path)
     view = dict(view="prior-test", val_every=1000, batch_size=8)
     _, whole = _run(settings, root, "view-whole", max_steps=10, resume=None, **view)
     seen = [k for batch in whole.keys for k in batch]

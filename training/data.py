@@ -33,6 +33,11 @@ def unsplit(shard) -> ConfigError:
     )
 
 
+def empty_view(split: str | None, where) -> ConfigError:
+    """The error for a view that keeps none of a split's samples (a trainer would have nothing to read)."""
+    return ConfigError(f"the view keeps no {split or ''} samples of {where}: curate it with looser settings")
+
+
 def view_keys(layout, view: str | None) -> dict[str, frozenset[str]] | None:
     """A view's kept keys per shard name, checked against the data set's embeddings (None without a view)."""
     if not view:
@@ -57,7 +62,7 @@ def tar_shards(shards_dir: str | Path, split: str | None = "train", keep: dict |
             if count:
                 shards.append(Shard(str(tar), count, kept))
     if not shards and keep is not None:
-        raise ConfigError(f"the view keeps no {split or ''} samples of {shards_dir}: curate it with looser settings")
+        raise empty_view(split, shards_dir)
     if not shards:
         raise FileNotFoundError(f"no {split or ''} shards in {shards_dir}: run `make download` first")
     return shards
@@ -111,15 +116,12 @@ def embedding_shards(embeddings_dir: str | Path, split: str | None = "train", ke
                 continue
         if keep is None:
             shards.append(Shard(str(path), meta.metadata.num_rows))
-        elif keep.get(store.shard_name(path)):
-            kept = keep[store.shard_name(path)]
+        elif kept := keep.get(store.shard_name(path)):
             count = sum(k in kept for k in store.read_shard(path, columns=["key"]).column("key").to_pylist())
             if count:
                 shards.append(Shard(str(path), count, kept))
     if not shards and keep is not None:
-        raise ConfigError(
-            f"the view keeps no {split or ''} samples of {embeddings_dir}: curate it with looser settings"
-        )
+        raise empty_view(split, embeddings_dir)
     if not shards:
         raise FileNotFoundError(f"no {split or ''} embedding shards in {embeddings_dir}: run `make embed` first")
     return shards

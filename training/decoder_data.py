@@ -19,9 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from embeddings import storage, store
-from embeddings.config import ConfigError
 from embeddings.tars import iter_tar_samples
-from training.data import check_val_split, decode_image, tar_image_keys, tar_shards
+from training.data import check_val_split, decode_image, empty_view, tar_image_keys, tar_shards
 from training.streaming import Shard
 from training.trainer import StreamingDataModule
 
@@ -72,7 +71,7 @@ def joined_shards(
         if count:
             shards.append(Shard(tar.path, count, kept))
     if not shards and keep is not None:
-        raise ConfigError(f"the view keeps no {split or ''} samples of {shards_dir}: curate it with looser settings")
+        raise empty_view(split, shards_dir)
     if not shards:
         raise FileNotFoundError(
             f"no {split or ''} samples join {shards_dir} with {embeddings_dir}: run `make embed` first"
