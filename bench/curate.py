@@ -1,13 +1,13 @@
 """Deduplication at scale: 1 M random 512-d unit vectors with 1% planted near duplicates, through the curate
 job's search (pipelines/curate.py:near_pairs) and a union-find, against exact all-pairs search on a subset.
 
-    python bench/curate.py [--vectors 1000000] [--dim 512] [--subset 50000] [--out bench/results]
+    python bench/curate.py [--vectors 1000000] [--dim 512] [--subset 50000] [--ray] [--out bench/results]
 
 Reports wall time of the search and the grouping, peak memory, recall / precision of the planted pairs, the
 recall against the search breadth (how many clusters each vector joins) as a curve, and on a subset the
 pairs found against exact all-pairs search. Random vectors have no clusters, so a planted pair can fall into
-different cells of the clustering: the curve shows how wide the search must be. Writes JSON and a markdown
-table to --out.
+different cells of the clustering: the curve shows how wide the search must be. --ray times the search again as
+Ray tasks on a local Ray (the job's `distribute` path). Writes JSON and a markdown table to --out.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--breadth", type=int, default=JOB["search_breadth"], help="clusters per vector, timed run")
     parser.add_argument("--curve", default="1,2,3,4", help="search breadths of the recall curve")
     parser.add_argument("--subset", type=int, default=50_000, help="rows checked against exact all-pairs search")
+    parser.add_argument("--ray", action="store_true", help="also time the search as Ray tasks on a local Ray")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     import faiss
@@ -83,7 +84,7 @@ def main() -> None:
     rows = np.arange(args.vectors)
 
     curve = {}
-    for breadth in map(int, args.curve.split(",")):
+    for breadth in sorted({*map(int, args.curve.split(",")), args.breadth}):  # the timed breadth always
         start = time.time()
         pairs = near_pairs(vectors, rows, args.threshold, breadth)
         seconds = time.time() - start
@@ -95,11 +96,25 @@ def main() -> None:
             roots = np.array([groups.find(i) for i in range(args.vectors)])
             results["dedup_s"] = round(seconds + time.time() - start, 1)
             results["recall"] = float(np.mean(roots[planted[:, 0]] == roots[planted[:, 1]]))
-            results["pairs_found"] = len(found)
+            results["pairs_found"], timed_pairs = len(found), pairs
             results["precision"] = len(found & planted_set) / max(len(found), 1)
             results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     results["breadth"] = args.breadth
     results["recall_by_breadth"] = curve
+    if args.ray:  # the job's `distribute` path on one node: what Ray's tasks and transfers cost over the matmuls
+        import ray
+
+        from pipelines.cluster import ray_session
+
+        with ray_session():
+            tasks = 4 * int(ray.cluster_resources()["CPU"])
+            start = time.time()
+            on_ray = near_pairs(vectors, rows, args.threshold, args.breadth, ray_tasks=tasks)
+            results["ray"] = {
+                "tasks": tasks,
+                "seconds": round(time.time() - start, 1),
+                "same_pairs": bool(np.array_equal(on_ray, timed_pairs)),
+            }
 
     # A subset with planted pairs inside it (its first rows and the copies of those among them): the clustered
     # search against exact all-pairs search.
@@ -137,6 +152,12 @@ def main() -> None:
         f"| subset of {sub['rows']}: clustered pairs vs exact all-pairs | {sub['clustered_pairs']} vs {sub['exact_pairs']} "
         f"(recall {sub['recall_vs_exact']:.4f}, {sub['clustered_s']} s; exact {results['exact_subset_s']} s) |",
     ]
+    if "ray" in results:
+        ray_run = results["ray"]
+        lines.append(
+            f"| the search as {ray_run['tasks']} Ray tasks on this machine (breadth {args.breadth}) | "
+            f"{ray_run['seconds']} s, the same pairs: {ray_run['same_pairs']} |"
+        )
     (out / "curate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,6 +16,7 @@ threshold (the summary reports the lowest similarity of a dropped row to the row
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -98,36 +99,115 @@ def load_head(path: str | Path, dim: int) -> tuple[np.ndarray, float]:
 
 
 def near_pairs(
-    vectors: np.ndarray, rows: np.ndarray, threshold: float, breadth: int, clusters: int | None = None, seed: int = 0
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    threshold: float,
+    breadth: int,
+    clusters: int | None = None,
+    seed: int = 0,
+    ray_tasks: int = 0,
 ) -> np.ndarray:
     """(P, 2) pairs (i, j), i < j, of `rows` whose unit `vectors` have cosine at or above `threshold`, never by all
     pairs: the rows are clustered (spherical k-means, `clusters` of them, default about √N), each row joins its
-    `breadth` nearest clusters, and the pairs are searched exactly within each cluster (SemDeDup's way; a cluster
-    is one matrix product, and could be one node's work). A pair split between clusters is found when each
-    member reaches the other's cluster: `breadth` trades time for recall (bench/curate.py measures the curve)."""
+    `breadth` nearest clusters, and the pairs are searched exactly within each cluster (SemDeDup's way). A pair
+    split between clusters is found when each member reaches the other's cluster: `breadth` trades time for
+    recall (bench/curate.py measures the curve). `ray_tasks` > 0: the clusters are searched as that many Ray
+    tasks over the cluster's nodes (`search_on_ray`), each sent only its clusters' vectors; the pairs are the
+    same either way."""
+    x = np.ascontiguousarray(vectors[rows], np.float32)
+    members = cluster_members(x, clusters, breadth, seed)
+    if ray_tasks > 0 and len(members) > 1:
+        pairs = search_on_ray(x, members, threshold, ray_tasks)
+    else:
+        pairs = pairs_within(x, members, threshold, progress=len(members) >= 16)
+    return rows[pairs] if len(pairs) else pairs
+
+
+def cluster_members(x: np.ndarray, clusters: int | None, breadth: int, seed: int = 0) -> list[np.ndarray]:
+    """The row indices of `x` in each of `clusters` spherical k-means clusters (default about √N; one cluster up
+    to 4 096 rows), every row in its `breadth` nearest."""
     import faiss
 
-    x = np.ascontiguousarray(vectors[rows], np.float32)
-    k = clusters or (1 if len(rows) <= 4096 else int(round(np.sqrt(len(rows)))))
+    k = clusters or (1 if len(x) <= 4096 else round(np.sqrt(len(x))))
     if k <= 1:
-        members = [np.arange(len(rows))]
-    else:
-        kmeans = faiss.Kmeans(x.shape[1], k, niter=10, seed=seed, spherical=True, max_points_per_centroid=64)
-        kmeans.train(x)
-        _, assigned = kmeans.index.search(x, min(breadth, k))
-        order = np.argsort(assigned.reshape(-1), kind="stable")
-        cuts = np.searchsorted(assigned.reshape(-1)[order], np.arange(k + 1))
-        owners = order // assigned.shape[1]
-        members = [owners[cuts[c] : cuts[c + 1]] for c in range(k)]
+        return [np.arange(len(x))]
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=10, seed=seed, spherical=True, max_points_per_centroid=64)
+    kmeans.train(x)
+    _, assigned = kmeans.index.search(x, min(breadth, k))
+    order = np.argsort(assigned.reshape(-1), kind="stable")
+    cuts = np.searchsorted(assigned.reshape(-1)[order], np.arange(k + 1))
+    owners = order // assigned.shape[1]
+    return [owners[cuts[c] : cuts[c + 1]] for c in range(k)]
+
+
+def pairs_within(x: np.ndarray, members: list[np.ndarray], threshold: float, progress: bool = False) -> np.ndarray:
+    """The unique pairs (i, j), i < j, of rows of `x` in one cluster of `members` with cosine ≥ `threshold`."""
     found = [np.zeros((0, 2), np.int64)]
-    for member in tqdm(members, desc="near duplicates", unit="cluster", disable=len(members) < 16):
+    for member in tqdm(members, desc="near duplicates", unit="cluster", disable=not progress):
         for start in range(0, len(member), 4096):
             block = member[start : start + 4096]
             a, b = np.nonzero(x[block] @ x[member].T >= threshold)
             keep = block[a] < member[b]
             found.append(np.stack([block[a][keep], member[b][keep]], axis=1))
-    pairs = np.unique(np.concatenate(found), axis=0)
-    return rows[pairs] if len(pairs) else pairs
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def _pairs_task(x: np.ndarray, members: list[np.ndarray], threshold: float) -> tuple[np.ndarray, str]:
+    import ray
+
+    return pairs_within(x, members, threshold), ray.get_runtime_context().get_node_id()
+
+
+def search_on_ray(x: np.ndarray, members: list[np.ndarray], threshold: float, tasks: int) -> np.ndarray:
+    """`pairs_within` as Ray tasks of one CPU each, spread over the nodes: the clusters are dealt into `tasks`
+    batches of about equal cost (a cluster of m rows costs m²), each task is sent its batch's rows of `x` only,
+    and at most twice the cluster's CPU count are in flight, so the driver never copies all of `x` at once."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_pairs_task)
+    batches = [[] for _ in range(min(tasks, len(members)))]
+    cost = np.zeros(len(batches))
+    for c in sorted(range(len(members)), key=lambda c: -len(members[c])):
+        b = int(np.argmin(cost))
+        batches[b].append(c)
+        cost[b] += len(members[c]) ** 2
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending, origin, found, nodes = {}, {}, [np.zeros((0, 2), np.int64)], set()
+    todo = [b for b in batches if b]
+    with tqdm(total=len(members), desc="near duplicates (ray)", unit="cluster") as bar:
+        while todo or pending:
+            while todo and len(pending) < window:
+                batch = todo.pop(0)
+                rows = np.unique(np.concatenate([members[c] for c in batch]))
+                local = [np.searchsorted(rows, members[c]) for c in batch]
+                ref = remote.remote(x[rows], local, threshold)
+                pending[ref], origin[ref] = len(batch), rows
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            pairs, node = ray.get(ref)
+            found.append(origin.pop(ref)[pairs])
+            nodes.add(node)
+            bar.update(pending.pop(ref))
+    print(f"[curate] near duplicates: {len(members)} clusters in {len(batches)} Ray tasks on {len(nodes)} node(s)")
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def near_duplicate_pairs(
+    image: np.ndarray, rows: np.ndarray, threshold: float, breadth: int, clusters: int | None, distribute: bool | None
+) -> np.ndarray:
+    """`near_pairs` in this process, or over the Ray cluster where `distribute` (None: where RAY_ADDRESS names
+    one) with four tasks per CPU of the cluster."""
+    if distribute is None:
+        distribute = bool(os.environ.get("RAY_ADDRESS"))
+    if not distribute:
+        return near_pairs(image, rows, threshold, breadth, clusters)
+    import ray
+
+    from pipelines.cluster import ray_session
+
+    with ray_session():
+        tasks = 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return near_pairs(image, rows, threshold, breadth, clusters, ray_tasks=tasks)
 
 
 def curate(
@@ -147,6 +227,7 @@ def curate(
     opt_out_urls: str | None = None,
     opt_out_domains: str | None = None,
     score_heads: dict | None = None,
+    distribute: bool | None = None,
 ) -> dict:
     """Write `<view>.parquet` and `<view>.json` in `views_dir` for the embeddings of a data set; returns the
     summary. `near_duplicate`: the image-embedding cosine at or above which two rows are one
@@ -154,8 +235,10 @@ def curate(
     each row joins): how the search is split, `near_pairs`;
     `min_agreement` / `agreement_quantile`: drop pairs whose caption–image cosine is below the value / below
     that quantile of all rows; `min_size`: the smaller side in pixels; `max_aspect`: the longer side over the
-    shorter; `opt_out_*`: files of keys, URLs or domains; `score_heads`: {name: {weights: file, min: x, max: y}}."""
-    settings = {k: v for k, v in locals().items() if k not in ("embeddings_dir", "views_dir")}
+    shorter; `opt_out_*`: files of keys, URLs or domains; `score_heads`: {name: {weights: file, min: x, max: y}};
+    `distribute`: search the clusters as Ray tasks over the nodes (None: where a cluster is named by
+    RAY_ADDRESS, as in a `make submit` job); where it runs changes no result, so it is not recorded."""
+    settings = {k: v for k, v in locals().items() if k not in ("embeddings_dir", "views_dir", "distribute")}
     manifest = store.complete_manifest(embeddings_dir)
     names = store.shard_file(store.shard_paths(embeddings_dir)[0]).schema_arrow.names
     columns = ["key", *store.EMBEDDING_COLUMNS, *[c for c in PASSTHROUGH if c in names]]
@@ -244,7 +327,7 @@ def curate(
         keep_one(groups, "exact_duplicate")
     alive, links = np.flatnonzero(reason == ""), 0
     if near_duplicate is not None and len(alive) > 1:
-        pairs = near_pairs(image, alive, near_duplicate, search_breadth, clusters)
+        pairs = near_duplicate_pairs(image, alive, near_duplicate, search_breadth, clusters, distribute)
         groups = UnionFind(n)
         for i, j in pairs.tolist():
             groups.union(i, j)

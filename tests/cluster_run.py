@@ -4,7 +4,8 @@
 
 Starts a head and a worker node with ray.cluster_utils (one CPU each, the
 head with the dashboard's job server), then:
-  1. `both`: data → download → embed of the tiny data set, shards spread over both nodes;
+  1. `both`: data → download → embed of the tiny data set, shards spread over both nodes, then `make curate`'s
+     near-duplicate search as Ray tasks over both nodes (view `spread`) and in the driver alone (view `here`);
   2. `submit`: `make submit JOB=embed` (ray job submit) to the head's job server, over `both`'s shards copied;
   3. `lost`: the same with a larger data set, each job losing a node while it runs a shard there.
 Writes OUT_DIR/report.json; shuts the cluster down whatever happens, so no process is left.
@@ -12,6 +13,8 @@ Writes OUT_DIR/report.json; shuts the cluster down whatever happens, so no proce
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -30,7 +33,13 @@ sys.path.insert(0, str(REPO))
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipelines.data_config import load_data_config, run_data, run_download, run_embed  # noqa: E402
+from pipelines.data_config import (  # noqa: E402
+    load_data_config,
+    run_curate,
+    run_data,
+    run_download,
+    run_embed,
+)
 
 
 def node_args(**extra) -> dict:
@@ -114,6 +123,12 @@ def main() -> None:
         report["both"] = {"download": run_download(config), "download_nodes": node_of_tasks("ray_download")}
         manifest = run_embed(config)
         report["both"]["embed_nodes"] = sorted(r["node"] for r in manifest["records"].values())
+        curate = {"clusters": 8, "search_breadth": 2}
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            report["both"]["curate"] = run_curate(replace(config, curate={**curate, "distribute": True}), "spread")
+        run_curate(replace(config, curate={**curate, "distribute": False}), "here")
+        report["both"]["curate_output"] = printed.getvalue()
 
         # 2. A batch job through the head's job server, with the working directory uploaded.
         submit = out / "submit" / base.name

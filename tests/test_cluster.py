@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from embeddings import store
@@ -73,6 +74,17 @@ def test_download_and_embed_spread_over_two_nodes_equal_a_local_run(cluster_run,
     reference, clustered = vectors_by_key(local.layout.embeddings), vectors_by_key(both / "embeddings")
     assert clustered.keys() == reference.keys()
     assert max(np.abs(reference[k] - clustered[k]).max() for k in reference) <= 1e-3  # float16 rounding
+
+
+def test_the_near_duplicate_search_spreads_over_both_nodes_and_finds_what_one_process_finds(cluster_run):
+    """make curate on a cluster (distribute): the clusters' searches ran as Ray tasks on both nodes, and the view
+    equals the one the search in the driver alone writes, row for row."""
+    report, out, _, _ = cluster_run
+    assert "8 clusters in 8 Ray tasks on 2 node(s)" in report["both"]["curate_output"]
+    assert report["both"]["curate"]["dropped"].get("near_duplicate", 0) > 0
+    views = out / "both" / "tiny" / "views"
+    spread, here = (pq.read_table(views / f"{name}.parquet") for name in ("spread", "here"))
+    assert spread.equals(here)
 
 
 def test_a_node_lost_mid_job_leaves_the_survivors_to_finish(cluster_run):

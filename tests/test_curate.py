@@ -231,3 +231,20 @@ def test_the_clustered_search_finds_what_all_pairs_finds_and_never_more():
     subset = rows[::2]  # pairs among given rows only, as row numbers of the whole table
     within = {tuple(p) for p in near_pairs(vectors, subset, 0.95, breadth=8, clusters=8).tolist()}
     assert within == {(i, j) for i, j in exact if i % 2 == 0 and j % 2 == 0}
+
+
+def test_the_search_as_ray_tasks_finds_the_same_pairs(ray_local, capsys):
+    """search_on_ray (the clusters dealt into Ray tasks, each sent its clusters' rows only) finds exactly the
+    pairs the in-process search finds, with more clusters than tasks and tasks of several clusters."""
+    from pipelines.curate import near_pairs
+
+    rng = np.random.default_rng(2)
+    vectors = _unit(rng.normal(size=(3000, DIM)))
+    sources = rng.choice(2900, 100, replace=False)
+    vectors[2900:] = _unit(vectors[sources] + 0.02 * rng.normal(size=(100, DIM)))
+    rows = np.arange(0, len(vectors), 1)
+    local = near_pairs(vectors, rows, 0.95, breadth=2, clusters=12)
+    on_ray = near_pairs(vectors, rows, 0.95, breadth=2, clusters=12, ray_tasks=5)
+    assert len(local) >= 80
+    np.testing.assert_array_equal(on_ray, local)
+    assert "12 clusters in 5 Ray tasks" in capsys.readouterr().out
