@@ -77,7 +77,7 @@ def train(out: str, launcher: str = "lightning", **_) -> dict:
     trainer = build_trainer(
         out / "run",
         max_steps=6,
-        precision="32-true",
+        precision="32",
         accelerator="cpu",
         devices=2,
         strategy="ddp",

@@ -26,7 +26,7 @@ def tiny_clip_run(tiny_download, tmp_path_factory):
     config, _, _ = tiny_download
     root = tmp_path_factory.mktemp("clip")
     settings = load_clip_config(REPO / "configs/clip/tiny.yaml", ["max_steps=24", "checkpoint_every=8", "val_every=12"])
-    common = dict(data_root=config.data_root, precision="32-true")
+    common = dict(data_root=config.data_root, precision="32")
     metrics = train_clip(
         **dict(settings, **common, models_root=str(root / "models"), outputs_root=str(root / "outputs"))
     )
@@ -73,7 +73,7 @@ def test_resume_from_the_middle_reaches_the_same_weights(tiny_clip_run, tmp_path
             data_root=config.data_root,
             models_root=str(tmp_path / "models"),
             outputs_root=str(tmp_path / "outputs"),
-            precision="32-true",
+            precision="32",
             resume=str(checkpoints / "step000008.ckpt"),
         )
     )

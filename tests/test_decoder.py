@@ -37,7 +37,7 @@ def trained(tiny_embed, tmp_path_factory):
         data_root=config.data_root,
         models_root=str(root / "models"),
         outputs_root=str(root / "outputs"),
-        precision="32-true",
+        precision="32",
     )
     train_prior(**dict(load_prior_config(REPO / "configs/prior/tiny.yaml"), **common, val_every=1000))
     records = {}
@@ -428,7 +428,7 @@ def _train_tiny(train, config_path, tiny_embed, tmp_path, **overrides) -> Record
     settings = dict(load(REPO / config_path), data_root=config.data_root)
     run = dict(
         val_every=1000,
-        precision="32-true",
+        precision="32",
         models_root=str(tmp_path / "models"),
         outputs_root=str(tmp_path / "outputs"),
     )

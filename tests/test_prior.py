@@ -38,7 +38,7 @@ def prior_settings(tiny_embed, tmp_path_factory):
     config, _ = tiny_embed
     root = tmp_path_factory.mktemp("prior")
     settings = load_prior_config(REPO / "configs/prior/tiny.yaml")
-    return dict(settings, data_root=config.data_root, models_root=str(root / "models"), precision="32-true"), root
+    return dict(settings, data_root=config.data_root, models_root=str(root / "models"), precision="32"), root
 
 
 def _run(settings, root, run, stop_at=None, **overrides):
@@ -141,6 +141,58 @@ def test_max_time_takes_clock_strings_or_seconds():
     for bad in ("5", "00:61", 0, "a:b:c", -1, True):
         with pytest.raises(ConfigError, match="max_time"):
             parse_max_time(bad)
+
+
+def test_precision_is_checked_when_the_config_loads():
+    from embeddings.config import ConfigError
+
+    for good in ("auto", "bf16-mixed", "16-mixed", "32"):
+        assert str(load_prior_config(REPO / "configs/prior/tiny.yaml", [f"precision={good}"])["precision"]) == good
+    with pytest.raises(ConfigError, match=r"tiny.yaml: precision 'fp16': use one of auto, bf16-mixed, 16-mixed, 32"):
+        load_prior_config(REPO / "configs/prior/tiny.yaml", ["precision=fp16"])
+
+
+class Overflow(L.Callback):
+    """Sets one gradient to inf at step `at` (before the optimizer step); records the loss scale and whether the
+    weights moved at every step."""
+
+    def __init__(self, at: int):
+        self.at, self.scales, self.moved, self.before = at, [], [], None
+
+    def on_after_backward(self, trainer, module):
+        self.before = [p.detach().clone() for p in module.net.parameters()]
+        if trainer.global_step == self.at:
+            next(p for p in module.net.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+        self.moved.append(any(not torch.equal(a, b) for a, b in zip(self.before, module.net.parameters())))
+
+
+def test_fp16_trains_under_a_dynamic_loss_scale_that_skips_an_overflowing_step(prior_settings):
+    """precision 16-mixed: fp16 autocast with torch.amp.GradScaler, on the CPU too (Lightning alone would train
+    bf16 there). A step whose gradients overflow leaves the weights as they were and halves the scale; the others
+    train, and the gradients' norm is logged."""
+    settings, root = prior_settings
+    overflow = Overflow(at=3)
+    import training.prior_job as job
+
+    original = job.build_trainer
+    job.build_trainer = lambda *a, **k: original(*a, **dict(k, callbacks=[overflow]))
+    try:
+        metrics = train_prior(
+            **dict(settings, outputs_root=str(root / "fp16"), precision="16-mixed", max_steps=6, val_every=1000)
+        )
+    finally:
+        job.build_trainer = original
+    scales = overflow.scales
+    assert scales[0] == 2.0**16 and scales[3] == scales[2] / 2 and scales[4] == scales[3]
+    assert overflow.moved == [True, True, True, False, True, True]
+    assert metrics["step"] == 6  # Lightning counts the skipped step as taken
+    log = (root / "fp16" / "train-prior-tiny" / "logs" / "metrics.csv").read_text().splitlines()
+    norms = [row.split(",")[log[0].split(",").index("train/grad_norm")] for row in log[1:]]
+    values = [float(v) for v in norms if v]
+    assert len(values) == 6 and np.isinf(values[3]) and all(0 < v < np.inf for v in values[:3] + values[4:])
 
 
 def test_distinct_rank_ignores_images_of_the_same_scene():

@@ -90,6 +90,8 @@ class JobSpec:
                     raise TypeError(f"{name!r} has a default in both {owner[name]} and {role}: give it one home")
                 owner[name], self.defaults[name] = role, param.default
         self.keys = sorted({name for params in self.parts.values() for name in params})
+        # A part may name a check per key (`part.config_checks = {key: function}`), run on the value at load time.
+        self.checks = {k: f for part in parts.values() for k, f in getattr(part, "config_checks", {}).items()}
         self.required = [k for k in self.keys if k not in self.defaults]
 
     def resolve(self, settings: dict[str, Any], where: str = "settings") -> dict[str, Any]:
@@ -103,7 +105,13 @@ class JobSpec:
         if missing:
             raise ConfigError(f"{where}: missing key {missing[0]!r}")
         check_storage_paths(settings, where)
-        return {**self.defaults, **settings}
+        resolved = {**self.defaults, **settings}
+        for key, check in self.checks.items():
+            try:
+                check(resolved[key])
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+        return resolved
 
     def load(self, path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
         """A job's YAML plus `key=value` overrides, resolved; errors name the file and the key."""

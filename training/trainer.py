@@ -24,12 +24,38 @@ from training.export import FORMATS, attention_layout, check_layout
 from training.streaming import ShardStream
 
 
-def resolve_precision(precision: str, accelerator: str = "auto") -> str:
-    """'auto' → 'bf16-mixed' on GPUs and on CPUs where bf16 is fast (AMX), else '32-true'."""
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu or bf16_is_fast("cpu") else "32-true"
+PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32")
+
+
+def on_gpu(accelerator: str) -> bool:
+    """Whether a Trainer with this accelerator setting trains on GPUs."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def check_precision(precision: str | int) -> str:
+    """The precision setting as a string; one not in PRECISIONS is refused, naming the choices."""
+    if str(precision) not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return str(precision)
+
+
+def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
+    """A checked precision as Lightning names it: 'auto' → 'bf16-mixed' on GPUs and on CPUs where bf16 is fast
+    (AMX, measured by embeddings/hardware.py), else '32-true'; '32' → '32-true'."""
+    precision = check_precision(precision)
+    if precision == "auto":
+        return "bf16-mixed" if on_gpu(accelerator) or bf16_is_fast("cpu") else "32-true"
+    return "32-true" if precision == "32" else precision
+
+
+def fp16_plugin(accelerator: str):
+    """fp16 autocast with a dynamic loss scale (torch.amp.GradScaler: the loss is scaled up so small fp16
+    gradients do not underflow; a step whose gradients overflow is skipped and the scale halved). Built here
+    rather than by Lightning, which turns '16-mixed' into bf16 on a CPU, so the fp16 path is the same on both."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    device = "cuda" if on_gpu(accelerator) else "cpu"
+    return MixedPrecision("16-mixed", device, scaler=torch.amp.GradScaler(device))
 
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
@@ -98,11 +124,14 @@ def build_trainer(
     cluster environment replace devices, num_nodes and strategy.
     """
     run_dir = Path(run_dir)
-    plugins = None
+    plugins, precision = [], resolve_precision(precision, accelerator)
+    if precision == "16-mixed":
+        plugins, precision = [fp16_plugin(accelerator)], None
     if launcher == "ray":
         from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
-        strategy, plugins, devices, num_nodes = RayDDPStrategy(), [RayLightningEnvironment()], "auto", 1
+        strategy, devices, num_nodes = RayDDPStrategy(), "auto", 1
+        plugins.append(RayLightningEnvironment())
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         every_n_train_steps=checkpoint_every,
@@ -116,12 +145,12 @@ def build_trainer(
         max_steps=max_steps,
         max_time=parse_max_time(max_time),
         max_epochs=-1,
-        precision=resolve_precision(precision, accelerator),
+        precision=precision,
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
         strategy=strategy,
-        plugins=plugins,
+        plugins=plugins or None,
         logger=[
             CSVLogger(run_dir, name="logs", version=""),
             TensorBoardLogger(run_dir, name="tensorboard", version=""),
@@ -139,6 +168,9 @@ def build_trainer(
 
         trainer = prepare_trainer(trainer)
     return trainer
+
+
+build_trainer.config_checks = {"precision": check_precision, "max_time": parse_max_time}  # at config load
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, floor: float = 0.05) -> float:
@@ -186,6 +218,13 @@ class StreamingModule(L.LightningModule):
                 "in the run's checkpoints/ folder (lower the learning rate or check the data)"
             )
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the gradients' global L2 norm (after the fp16 loss scale is taken off): a rising norm warns of a
+        diverging run before its loss turns non-finite."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads).float(), prog_bar=False)
 
     def step_generator(self) -> torch.Generator:
         """The draws of this training step (timesteps, noise, dropout): the stream of (seed, step, rank), so a
