@@ -195,6 +195,40 @@ def test_fp16_trains_under_a_dynamic_loss_scale_that_skips_an_overflowing_step(p
     assert len(values) == 6 and np.isinf(values[3]) and all(0 < v < np.inf for v in values[:3] + values[4:])
 
 
+def test_accumulated_gradients_resume_exactly_and_step_the_ema_per_optimizer_step(prior_settings, monkeypatch):
+    """accumulate_grad_batches 2: a run stopped at step 3 and resumed sees the batches and losses of an uninterrupted
+    one; the EMA moves once per optimizer step; the two batches of a step draw different noise."""
+    import training.trainer as trainer_module
+
+    settings, root = prior_settings
+    ema_steps = []
+    original_ema = trainer_module.ema_update
+    monkeypatch.setattr(
+        trainer_module,
+        "ema_update",
+        lambda ema, net, step, decay: (ema_steps.append(step), original_ema(ema, net, step, decay)),
+    )
+    common = dict(max_steps=6, val_every=1000, accumulate_grad_batches=2, resume=None)
+    _, whole = _run(settings, root, "accumulate-whole", **common)
+    assert len(whole.keys) == 12 and ema_steps == [1, 2, 3, 4, 5, 6]
+    assert whole.losses[0] != whole.losses[1]  # two batches, two draws (not one stream per step)
+    _, first = _run(settings, root, "accumulate-split", **dict(common, checkpoint_every=3), stop_at=3)
+    checkpoint = root / "accumulate-split" / "train-prior-tiny" / "checkpoints" / "step000003.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["data_position"]["batches"] % 2 == 0
+    _, second = _run(settings, root, "accumulate-split", **dict(common, resume=str(checkpoint)))
+    assert first.keys + second.keys == whole.keys
+    assert second.losses == pytest.approx(whole.losses[len(first.losses) :], rel=1e-5)
+
+
+def test_gradient_checkpointing_trains_the_same_prior(prior_settings):
+    settings, root = prior_settings
+    _, plain = _run(settings, root, "plain", max_steps=4, val_every=1000, resume=None)
+    _, switched = _run(
+        settings, root, "checkpointed", max_steps=4, val_every=1000, resume=None, gradient_checkpointing=True
+    )
+    assert switched.keys == plain.keys and switched.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
 def test_distinct_rank_ignores_images_of_the_same_scene():
     """Two renders of one scene: the query's own image ranks second overall but first among other scenes."""
     z_i = np.eye(4)[[0, 0, 1, 2]] * 0.9 + np.eye(4)[[3, 1, 3, 3]] * np.sqrt(1 - 0.81)

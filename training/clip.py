@@ -24,11 +24,13 @@ from embeddings.encoders import save_clip_folder
 from embeddings.tars import iter_tar_samples
 from training.clip_eval import evaluate_clip
 from training.data import decode_image, read_tar_range, tar_shards, view_keys
+from training.memory import announce, autocast_device, estimate
 from training.settings import JobSpec, Run
 from training.trainer import (
     StreamingDataModule,
     StreamingModule,
     build_trainer,
+    resolve_precision,
     resume_checkpoint,
     steps_reached,
     warmup_cosine,
@@ -86,6 +88,9 @@ class ClipModule(StreamingModule):
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model["text_cfg"].get("context_length", 77))
         self.pixels = PixelPipe(model)
         self._val: list = []
+
+    def trained_network(self) -> torch.nn.Module:
+        return self.model
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return (self.pixels.normalize(batch[0]), *batch[1:])
@@ -216,13 +221,39 @@ def load_clip_config(path: str | Path, overrides: list[str] | None = None) -> di
     return CLIP_JOB.load(path, overrides)
 
 
+def clip_estimate(parts: dict, dry_run: bool = False) -> dict:
+    """The memory and FLOP estimate of training the config's CLIP (training/memory.py): images at its size,
+    captions of its full context length."""
+    model, trainer = parts["module"]["model"], parts["trainer"]
+    size, context = model["vision_cfg"]["image_size"], model["text_cfg"].get("context_length", 77)
+
+    def inputs(net, batch):
+        device = net.logit_scale.device
+        images = torch.randn(batch, 3, size, size, device=device)
+        return images, torch.zeros(batch, context, dtype=torch.long, device=device)
+
+    return estimate(
+        lambda: open_clip.model.CLIP(**model),
+        parts["data"]["batch_size"],
+        resolve_precision(trainer["precision"], trainer["accelerator"]),
+        trainer["gradient_checkpointing"],
+        inputs,
+        device_type=autocast_device(trainer["accelerator"], dry_run),
+        ema=False,
+    )
+
+
 def train_clip(**settings) -> dict:
-    """Train a CLIP (CLIP_JOB's keys) on its data set's shards, export it to models/<name>/clip/; returns the metrics."""
+    """Train a CLIP (CLIP_JOB's keys) on its data set's shards, export it to models/<name>/clip/; returns the metrics
+    (with `dry_run`: the estimate alone, from the config alone)."""
     parts = CLIP_JOB.split(settings)
     run = ClipRun(**parts["run"])
+    if run.dry_run:
+        return announce(run.run_folder("clip", run.name or run.data_name()), clip_estimate(parts, dry_run=True))
     layout = run.layout()
     name = run.name or layout.root.name
     run_dir = run.run_folder("clip", name)
+    announce(run_dir, clip_estimate(parts))
     export_dir = Path(run.models_root) / name / "clip"
     seed, model = parts["data"]["seed"], parts["module"]["model"]
     L.seed_everything(seed, workers=True)

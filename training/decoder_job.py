@@ -14,16 +14,24 @@ from pathlib import Path
 import lightning as L
 
 from embeddings import store
-from training.conditioning import fit_text_tokens
+from training.conditioning import FrozenText, fit_text_tokens
 from training.data import embedding_shards, require_norm_columns, view_keys
 from training.decoder import DecoderModule, UpsamplerModule
 from training.decoder_data import ImageEmbeddingDataModule
-from training.decoder_net import DecoderConfig, UpsamplerConfig
+from training.decoder_net import (
+    CAPTION_TOKENS,
+    DecoderConfig,
+    Upsampler,
+    UpsamplerConfig,
+    build_decoder,
+    decoder_example_inputs,
+)
 from training.export import save_export
+from training.memory import announce, autocast_device, dry_run_sizes, estimate
 from training.published import checked_decoder_sizes, upsampler_sizes
 from training.samplers import DecoderSampling, UpsamplerSampling
 from training.settings import ExportRun, JobSpec, check_dim, clip_record
-from training.trainer import build_trainer, resume_checkpoint, steps_reached
+from training.trainer import build_trainer, resolve_precision, resume_checkpoint, steps_reached
 
 _SET_BY_JOB = ("clip", "shards_dir", "embeddings_dir", "image_size", "raw_norms", "keep", "run_dir", "callbacks")
 DECODER_JOB = JobSpec(
@@ -48,38 +56,79 @@ def load_upsampler_config(path: str | Path, overrides: list[str] | None = None) 
     return UPSAMPLER_JOB.load(path, overrides)
 
 
-def train_decoder(**settings) -> dict:
-    """Train the decoder of a config (DECODER_JOB's keys); exports models/<name>/<export>/."""
-    parts = DECODER_JOB.split(settings)
-    run = ExportRun(**parts["run"])
-    manifest = store.complete_manifest(run.layout().embeddings)
-    clip, hp = clip_record(manifest), parts["module"]
-    decoder = checked_decoder_sizes(hp["init_from"], hp["decoder"]) if hp["init_from"] else hp["decoder"] or {}
-    decoder = fit_text_tokens(check_dim("decoder", decoder, manifest), hp["text_tokens"], clip, "decoder")
-    L.seed_everything(hp["seed"], workers=True)
-    return _fit(DecoderModule(**dict(hp, decoder=decoder, clip=clip)), run, parts, manifest)
-
-
-def train_upsampler(**settings) -> dict:
-    """Train the 4× upsampler of a config (UPSAMPLER_JOB's keys); exports models/<name>/<export>/."""
-    parts = UPSAMPLER_JOB.split(settings)
-    run = ExportRun(**parts["run"])
-    manifest = store.complete_manifest(run.layout().embeddings)
-    hp = parts["module"]
-    upsampler = upsampler_sizes(hp["init_from"], hp["upsampler"]) if hp["init_from"] else dict(hp["upsampler"] or {})
-    upsampler = check_dim("upsampler", upsampler, manifest) if upsampler.get("dim") else upsampler
-    L.seed_everything(hp["seed"], workers=True)
-    return _fit(
-        UpsamplerModule(**dict(hp, upsampler=upsampler, blur_sigma=tuple(hp["blur_sigma"]))), run, parts, manifest
+def image_estimate(kind: str, sizes: dict, parts: dict, tokens: int = CAPTION_TOKENS, dry_run: bool = False) -> dict:
+    """The memory and FLOP estimate of training a decoder or upsampler of `sizes` with a job's settings: a decoder
+    reading `tokens` caption tokens, an upsampler on its training crops (training/memory.py)."""
+    trainer, crop = parts["trainer"], parts["module"].get("train_crop", 0)
+    if kind == "decoder":
+        build, config = (lambda: build_decoder(DecoderConfig(**sizes))), DecoderConfig(**sizes)
+        inputs = lambda net, batch: decoder_example_inputs(config, batch, next(net.parameters()).device, tokens)
+    else:
+        build, inputs = (
+            (lambda: Upsampler(UpsamplerConfig(**sizes))),
+            (lambda net, batch: net.example_inputs(batch, crop)),
+        )
+    return estimate(
+        build,
+        parts["data"]["batch_size"],
+        resolve_precision(trainer["precision"], trainer["accelerator"]),
+        trainer["gradient_checkpointing"],
+        inputs,
+        device_type=autocast_device(trainer["accelerator"], dry_run),
     )
 
 
-def _fit(module, run: ExportRun, parts: dict, manifest: dict) -> dict:
-    """Shared by both jobs: data, trainer, fit with resume, the final validation, export of the EMA weights by rank 0."""
+def _dry_run(kind: str, run: ExportRun, parts: dict, sizes: dict) -> dict:
+    """A dry run: the estimate from the config alone, printed and written to the run folder."""
+    hp = parts["module"]
+    defaults = DecoderConfig().to_dict() if kind == "decoder" else {}  # an upsampler reads z only if its dim is set
+    sizes = dry_run_sizes(kind, sizes, hp.get("text_tokens", "none"), defaults)
+    run_dir = run.run_folder(run.export or kind, run.name or run.data_name())
+    return announce(run_dir, image_estimate(kind, sizes, parts, dry_run=True))
+
+
+def train_decoder(**settings) -> dict:
+    """Train the decoder of a config (DECODER_JOB's keys); exports models/<name>/<export>/ (with `dry_run`:
+    the estimate alone, from the config alone)."""
+    parts = DECODER_JOB.split(settings)
+    run = ExportRun(**parts["run"])
+    hp = parts["module"]
+    decoder = checked_decoder_sizes(hp["init_from"], hp["decoder"]) if hp["init_from"] else hp["decoder"] or {}
+    if run.dry_run:
+        return _dry_run("decoder", run, parts, decoder)
+    manifest = store.complete_manifest(run.layout().embeddings)
+    clip = clip_record(manifest)
+    decoder = fit_text_tokens(check_dim("decoder", decoder, manifest), hp["text_tokens"], clip, "decoder")
+    tokens = FrozenText("clip", clip).width()[1] if hp["text_tokens"] == "clip" else CAPTION_TOKENS
+    L.seed_everything(hp["seed"], workers=True)
+    estimated = image_estimate("decoder", decoder, parts, tokens)
+    return _fit(DecoderModule(**dict(hp, decoder=decoder, clip=clip)), run, parts, manifest, estimated)
+
+
+def train_upsampler(**settings) -> dict:
+    """Train the 4× upsampler of a config (UPSAMPLER_JOB's keys); exports models/<name>/<export>/ (with
+    `dry_run`: the estimate alone, from the config alone)."""
+    parts = UPSAMPLER_JOB.split(settings)
+    run = ExportRun(**parts["run"])
+    hp = parts["module"]
+    upsampler = upsampler_sizes(hp["init_from"], hp["upsampler"]) if hp["init_from"] else dict(hp["upsampler"] or {})
+    if run.dry_run:
+        return _dry_run("upsampler", run, parts, upsampler)
+    manifest = store.complete_manifest(run.layout().embeddings)
+    upsampler = check_dim("upsampler", upsampler, manifest) if upsampler.get("dim") else upsampler
+    L.seed_everything(hp["seed"], workers=True)
+    module = UpsamplerModule(**dict(hp, upsampler=upsampler, blur_sigma=tuple(hp["blur_sigma"])))
+    return _fit(module, run, parts, manifest, image_estimate("upsampler", upsampler, parts))
+
+
+def _fit(module, run: ExportRun, parts: dict, manifest: dict, estimated: dict) -> dict:
+    """Shared by both jobs: the estimate announced, data, trainer, fit with resume, the final validation, export of
+    the EMA weights by rank 0."""
     layout = run.layout()
     name = run.name or layout.root.name
     export = run.export or module.kind
     run_dir = run.run_folder(export, name)
+    announce(run_dir, estimated)
     module.grid_dir = run_dir / "samples"
     raw = getattr(module.config, "raw", False)  # a decoder in Karlo's layout reads raw CLIP vectors
     datamodule = ImageEmbeddingDataModule(

@@ -121,6 +121,11 @@ class Decoder(nn.Module):
         self.in_tokens = nn.Linear(c.text_token_width, c.context_width) if c.text_token_width else None
         self.scale = math.sqrt(c.dim)  # unit vectors → per-dimension variance ~1
 
+    def example_inputs(self, batch: int) -> tuple:
+        """Inputs of `batch` rows in forward's shapes (random, on the network's device; meta builds meta ones):
+        what the memory and FLOP estimate runs (training/memory.py)."""
+        return decoder_example_inputs(self.config, batch, self.to_context.weight.device)
+
     def null_embedding(self) -> torch.Tensor:
         """What a dropped CLIP embedding becomes: the zero vector."""
         return torch.zeros(self.config.dim, device=self.to_context.weight.device)
@@ -206,6 +211,10 @@ class KarloDecoder(nn.Module):
         )
         self.unet = UNet2DConditionModel(**karlo_unet_kwargs(c))
 
+    def example_inputs(self, batch: int) -> tuple:
+        """Inputs of `batch` rows in forward's shapes (see Decoder.example_inputs)."""
+        return decoder_example_inputs(self.config, batch, self.null_embedding().device)
+
     def null_embedding(self) -> torch.Tensor:
         """What a dropped CLIP embedding becomes: the text projection's learned vector."""
         return self.text_proj.learned_classifier_free_guidance_embeddings
@@ -270,6 +279,16 @@ class Upsampler(nn.Module):
         self.to_time = nn.Linear(c.dim, 4 * c.channels[0]) if c.dim else None  # into the timestep embedding's width
         self.scale = math.sqrt(c.dim) if c.dim else 1.0
 
+    def example_inputs(self, batch: int, crop: int = 0) -> tuple:
+        """Inputs of `batch` rows in forward's shapes, of `crop`-pixel crops where training crops (see
+        Decoder.example_inputs)."""
+        c, device = self.config, next(self.parameters()).device
+        size = crop or c.image_size
+        z = torch.randn(batch, c.dim, device=device) if c.dim else None
+        low = torch.randn(batch, 3, size // c.factor, size // c.factor, device=device)
+        t = torch.zeros(batch, dtype=torch.long, device=device)
+        return torch.randn(batch, 3, size, size, device=device), t, low, z
+
     def forward(
         self,
         x_t: torch.Tensor,
@@ -283,6 +302,19 @@ class Upsampler(nn.Module):
                 raise ValueError("this upsampler was built with dim > 0: pass the CLIP image embedding z")
             labels = self.to_time(z * self.scale)
         return self.unet(torch.cat([x_t, upsample(low, x_t.shape[-1])], dim=1), t, class_labels=labels).sample
+
+
+CAPTION_TOKENS = 77  # CLIP's context length (Radford et al. 2021): the token encodings a decoder reads at most
+
+
+def decoder_example_inputs(c: DecoderConfig, batch: int, device: torch.device, tokens: int = CAPTION_TOKENS) -> tuple:
+    """(x_t, t, z, text_tokens, token_mask, z_t) of `batch` rows for a decoder of config `c`: captions of
+    `tokens` token encodings where it reads them."""
+    text = torch.randn(batch, tokens, c.text_token_width, device=device) if c.text_token_width else None
+    mask = torch.ones(batch, tokens, dtype=torch.bool, device=device) if c.text_token_width else None
+    x_t = torch.randn(batch, 3, c.image_size, c.image_size, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    return x_t, t, torch.randn(batch, c.dim, device=device), text, mask, torch.randn(batch, c.dim, device=device)
 
 
 def upsample(low: torch.Tensor, size: int) -> torch.Tensor:

@@ -17,12 +17,13 @@ from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
 from training.data import embedding_shards, require_norm_columns, view_keys
 from training.export import save_export
+from training.memory import announce, autocast_device, dry_run_sizes, estimate
 from training.prior import PriorDataModule, PriorModule, raw_statistics, to_batch
-from training.prior_net import PriorConfig
+from training.prior_net import DiffusionPrior, PriorConfig
 from training.published import checked_prior_sizes, statistics_fit
 from training.samplers import PriorSampling
 from training.settings import JobSpec, Run, check_dim, clip_record
-from training.trainer import build_trainer, resume_checkpoint, steps_reached
+from training.trainer import build_trainer, resolve_precision, resume_checkpoint, steps_reached
 
 PRIOR_JOB = JobSpec(
     {"run": Run, "module": PriorModule, "data": PriorDataModule, "trainer": build_trainer},
@@ -49,16 +50,35 @@ def report_statistics(net, rows: list[dict]) -> None:
         )
 
 
+def prior_estimate(sizes: dict, parts: dict, dry_run: bool = False) -> dict:
+    """The memory and FLOP estimate of training a prior of `sizes` with a job's settings (training/memory.py)."""
+    trainer = parts["trainer"]
+    return estimate(
+        lambda: DiffusionPrior(PriorConfig(**sizes)),
+        parts["data"]["batch_size"],
+        resolve_precision(trainer["precision"], trainer["accelerator"]),
+        trainer["gradient_checkpointing"],
+        device_type=autocast_device(trainer["accelerator"], dry_run),
+    )
+
+
 def train_prior(**settings) -> dict:
     """Train the prior of a config (PRIOR_JOB's keys) on its data set's embeddings; export to
-    models/<name>/prior/; returns the metrics."""
+    models/<name>/prior/; returns the metrics (with `dry_run`: the estimate alone, from the config alone)."""
     parts = PRIOR_JOB.split(settings)
     run = Run(**parts["run"])
+    hp = parts["module"]
+    if run.dry_run:
+        sizes = checked_prior_sizes(hp["init_from"], hp["prior"]) if hp["init_from"] else dict(hp["prior"] or {})
+        sizes = dry_run_sizes("prior", sizes, hp["text_tokens"], PriorConfig().to_dict())
+        run_dir = run.run_folder("prior", run.name or run.data_name())
+        return announce(run_dir, prior_estimate(sizes, parts, dry_run=True))
     layout = run.layout()
+    name = run.name or layout.root.name
+    run_dir = run.run_folder("prior", name)
     manifest = store.complete_manifest(layout.embeddings)
     clip = clip_record(manifest)
     load_clip(clip)  # a dropped caption is the CLIP's encoding of "": fail before training if it cannot load
-    hp = parts["module"]
     prior = checked_prior_sizes(hp["init_from"], hp["prior"]) if hp["init_from"] else dict(hp["prior"] or {})
     if hp["init_from"] and prior["text_token_width"] and hp["text_tokens"] != "clip":
         raise ConfigError(
@@ -66,8 +86,7 @@ def train_prior(**settings) -> dict:
         )
     prior = fit_text_tokens(check_dim("prior", prior, manifest), hp["text_tokens"], clip, "prior")
     raw = PriorConfig(**prior).raw
-    name = run.name or layout.root.name
-    run_dir = run.run_folder("prior", name)
+    announce(run_dir, prior_estimate(prior, parts))
     L.seed_everything(hp["seed"], workers=True)
     module = PriorModule(**dict(hp, prior=prior, clip=clip))
     datamodule = PriorDataModule(

@@ -119,6 +119,15 @@ class DiffusionPrior(nn.Module):
         """The inverse of `normalise` (diffusers' `post_process_latents`)."""
         return self.transformer.post_process_latents(x)
 
+    def example_inputs(self, batch: int) -> tuple:
+        """Inputs of `batch` rows in forward's shapes (random, on the network's device; meta builds meta ones):
+        what the memory and FLOP estimate runs (training/memory.py)."""
+        c, device = self.config, self.transformer.clip_std.device
+        tokens = torch.randn(batch, c.max_text_tokens, c.dim, device=device) if c.text_token_width else None
+        mask = torch.ones(batch, c.max_text_tokens, dtype=torch.bool, device=device) if c.text_token_width else None
+        t = torch.zeros(batch, dtype=torch.long, device=device)
+        return torch.randn(batch, c.dim, device=device), t, torch.randn(batch, c.dim, device=device), tokens, mask
+
     def forward(
         self,
         x_t: torch.Tensor,

@@ -29,6 +29,7 @@ class Run:
     name: str | None = None  # models/<name>/ and outputs/train-<kind>-<name>/ (default: the data set's name)
     resume: str | None = "auto"  # auto: the run's last.ckpt if any; a path; never (or null): start afresh
     view: str | None = None  # train on the kept keys of data/<name>/views/<view>.parquet (make curate VIEW=...)
+    dry_run: bool = False  # print the memory and FLOP estimate, write it to the run folder and stop (reads no data)
     models_root: str = "models"
     outputs_root: str = "outputs"
 
@@ -36,6 +37,16 @@ class Run:
         """outputs/train-<kind>-<name>/, or outputs/train-<kind>-<name>-view-<view>/ on a view: a run on a view
         never resumes a checkpoint trained on the whole data or on another view (its export is models/<name>/)."""
         return Path(self.outputs_root) / (f"train-{kind}-{name}" + (f"-view-{self.view}" if self.view else ""))
+
+    def data_name(self) -> str:
+        """The data set's name from its config alone (a dry run reads nothing the config points to)."""
+        from pipelines.data_config import find_data_config
+
+        path = find_data_config(self.data)
+        name = load_yaml(path).get("name")
+        if not name:
+            raise ConfigError(f"{path}: missing key 'name' (the data set's folder under data/)")
+        return name
 
     def layout(self):
         """The data set's folders (embeddings/layout.py), from its config and `data_root`."""

@@ -21,8 +21,8 @@ from embeddings.config import ConfigError
 from embeddings.hardware import bf16_is_fast
 from training.diffusion import stream
 from training.export import FORMATS, attention_layout, check_layout
+from training.memory import ActivationCheckpointing
 from training.streaming import ShardStream
-
 
 PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32")
 
@@ -113,6 +113,8 @@ def build_trainer(
     val_every: int = 500,
     checkpoint_every: int = 500,
     log_every: int = 25,
+    accumulate_grad_batches: int = 1,
+    gradient_checkpointing: bool = False,
     callbacks: list | None = None,
     launcher: str = "lightning",
 ) -> L.Trainer:
@@ -121,8 +123,12 @@ def build_trainer(
     comes first.
 
     launcher 'ray': this process is a Ray Train worker (training/launch.py); Ray's DDP strategy and
-    cluster environment replace devices, num_nodes and strategy.
+    cluster environment replace devices, num_nodes and strategy. `accumulate_grad_batches`: batches whose
+    gradients add up to one optimizer step (steps, the schedule, EMA and checkpoints count optimizer steps);
+    `gradient_checkpointing`: recompute activations in the backward pass (training/memory.py).
     """
+    if int(accumulate_grad_batches) < 1:
+        raise ConfigError(f"accumulate_grad_batches {accumulate_grad_batches}: give a whole number ≥ 1")
     run_dir = Path(run_dir)
     plugins, precision = [], resolve_precision(precision, accelerator)
     if precision == "16-mixed":
@@ -155,7 +161,14 @@ def build_trainer(
             CSVLogger(run_dir, name="logs", version=""),
             TensorBoardLogger(run_dir, name="tensorboard", version=""),
         ],
-        callbacks=[checkpoint, LearningRateMonitor("step"), TQDMProgressBar(refresh_rate=10), *(callbacks or [])],
+        callbacks=[
+            checkpoint,
+            LearningRateMonitor("step"),
+            TQDMProgressBar(refresh_rate=10),
+            *([ActivationCheckpointing()] if gradient_checkpointing else []),
+            *(callbacks or []),
+        ],
+        accumulate_grad_batches=int(accumulate_grad_batches),
         val_check_interval=val_every,
         check_val_every_n_epoch=None,
         log_every_n_steps=log_every,
@@ -226,10 +239,22 @@ class StreamingModule(L.LightningModule):
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads).float(), prog_bar=False)
 
+    def trained_network(self) -> torch.nn.Module:
+        """The network the optimizer trains (what gradient checkpointing applies to)."""
+        return self.net
+
+    def micro_batch(self) -> int:
+        """This batch's place among the batches accumulated into one optimizer step (0 without accumulation)."""
+        return (
+            self.trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
+        ) % self.trainer.accumulate_grad_batches
+
     def step_generator(self) -> torch.Generator:
-        """The draws of this training step (timesteps, noise, dropout): the stream of (seed, step, rank), so a
-        resumed run draws what it would have drawn."""
-        return stream(self.hparams.seed, "train", self.global_step, self.global_rank, device=self.device)
+        """The draws of this training batch (timesteps, noise, dropout): the stream of (seed, step, rank), and the
+        micro-batch where gradients are accumulated, so a resumed run draws what it would have drawn."""
+        micro = self.micro_batch()
+        where = (self.global_step, self.global_rank) + ((micro,) if micro else ())
+        return stream(self.hparams.seed, "train", *where, device=self.device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["data_position"] = {"epoch": self.current_epoch, "batches": self.epoch_batches}
@@ -269,8 +294,14 @@ class DiffusionModule(StreamingModule):
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
+        """An EMA step after each optimizer step (not after a batch whose gradients are still accumulating)."""
+        if self.global_step > self._ema_step:
+            self._ema_step = self.global_step
+            ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
 
     def configure_optimizers(self):
         hp = self.hparams
