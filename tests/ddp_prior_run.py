@@ -1,6 +1,6 @@
 """Two-process runs of the tiny prior for tests: Lightning's DDP (gloo, CPU), torchrun, or two Ray Train workers.
 
-    python tests/ddp_prior_run.py EMBEDDINGS_DIR OUT_DIR [lightning|ray]
+    python tests/ddp_prior_run.py EMBEDDINGS_DIR OUT_DIR [lightning|ray|fsdp2]
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_prior_run.py EMBEDDINGS_DIR OUT_DIR torchrun
 
 Rewrites the train rows of EMBEDDINGS_DIR into three shards of uneven sizes under OUT_DIR (before
@@ -39,16 +39,26 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer, module):
         stream = trainer.datamodule.train_stream(0)
-        weights = sum(float(p.double().abs().sum()) for p in module.net.parameters())
+        weights = checksum(module.net)
         report = {
             "batches": self.batches,
             "losses": self.losses,
             "weights": weights,
+            "ema": checksum(module.ema),
+            "sharded_tensors": sum(
+                hasattr(p, "full_tensor") for p in [*module.net.parameters(), *module.ema.parameters()]
+            ),
             "batches_per_epoch": stream.batches_per_epoch(),
             "shards": len(stream.shards),
             "shard_sizes": [s.count for s in stream.shards],
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def checksum(net) -> float:
+    """The sum of |weights| of a network, whole or sharded (each sharded tensor gathered first)."""
+    whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in net.parameters()]
+    return sum(float(p.detach().double().abs().sum()) for p in whole)
 
 
 def prepare(source: Path, target: Path) -> None:
@@ -66,8 +76,10 @@ def prepare(source: Path, target: Path) -> None:
     shutil.copy(source / store.MANIFEST, target / store.MANIFEST)
 
 
-def train(out: str, launcher: str = "lightning", **_) -> dict:
-    """One epoch (6 steps) of the tiny prior on two CPU processes; each rank writes its record."""
+def train(out: str, launcher: str = "lightning", strategy: str = "ddp", **_) -> dict:
+    """One epoch (6 steps) of the tiny prior on two CPU processes; each rank writes its record. strategy fsdp2:
+    also the EMA copy's checksum once gathered whole (rank 0), and a run stopped at step 3 then resumed from
+    its checkpoint, whose losses it writes."""
     out = Path(out)
     L.seed_everything(0, workers=True)
     clip = clip_record(store.read_manifest(out / "embeddings"))
@@ -80,19 +92,48 @@ def train(out: str, launcher: str = "lightning", **_) -> dict:
         precision="32",
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=strategy,
         val_every=1000,
         checkpoint_every=1000,
         callbacks=[Record(out)],
         launcher=launcher,
     )
     trainer.fit(module, datamodule=datamodule)
+    if strategy == "fsdp2":
+        return resume_sharded(out, module, datamodule, clip, sizes)
     # Validation over both ranks, and (rank 0) the same figures computed in this one process.
     trainer.validate(module, datamodule=datamodule, verbose=False)
     report = {"distributed": module.metrics}
     if trainer.is_global_zero:
         report["one_process"] = module.eval().evaluate(to_batch(datamodule.val_rows()))
     (out / f"val{trainer.global_rank}.json").write_text(json.dumps(report))
+    return {"step": trainer.global_step}
+
+
+def resume_sharded(out: Path, module, datamodule, clip: dict, sizes: dict) -> dict:
+    """The EMA gathered whole (its checksum on rank 0); then 3 steps, a checkpoint, and a resumed run to step 6."""
+    module.unshard_ema()
+    report = {"ema": checksum(module.ema)}
+    losses = []
+    for stop, resume in ((3, None), (6, out / "resumed" / "checkpoints" / "last.ckpt")):
+        L.seed_everything(0, workers=True)
+        module = PriorModule(sizes, clip, max_steps=6, sampling={"steps": 2})
+        record = Record(out / "resumed")
+        trainer = build_trainer(
+            out / "resumed",
+            max_steps=stop,
+            precision="32",
+            accelerator="cpu",
+            devices=2,
+            strategy="fsdp2",
+            val_every=1000,
+            checkpoint_every=3,
+            callbacks=[record],
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        losses += record.losses
+    report["resumed_losses"] = losses
+    (out / f"sharded{trainer.global_rank}.json").write_text(json.dumps(report))
     return {"step": trainer.global_step}
 
 
@@ -106,6 +147,9 @@ def main() -> None:
         time.sleep(0.1)
     if launcher in ("lightning", "torchrun"):  # under torchrun, Lightning takes the ranks from its environment
         train(str(out))
+        return
+    if launcher == "fsdp2":
+        train(str(out), strategy="fsdp2")
         return
     import ray
 

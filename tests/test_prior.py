@@ -250,10 +250,8 @@ def two_process_run(embeddings, out, launcher: str) -> list[dict]:
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [
-        dict(json.loads((out / f"rank{r}.json").read_text()), val=json.loads((out / f"val{r}.json").read_text()))
-        for r in (0, 1)
-    ]
+    read = lambda name: json.loads((out / name).read_text()) if (out / name).exists() else None
+    return [dict(read(f"rank{r}.json"), val=read(f"val{r}.json"), sharded=read(f"sharded{r}.json")) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +275,23 @@ def test_ray_train_and_torchrun_match_lightning_ddp(launcher, lightning_ddp, tin
         assert ray_rank["batches"] == ddp_rank["batches"]
         np.testing.assert_allclose(ray_rank["losses"], ddp_rank["losses"], rtol=1e-5)
         assert ray_rank["weights"] == pytest.approx(ddp_rank["weights"], rel=1e-6)
+
+
+def test_sharded_fsdp2_on_two_cpu_processes_trains_as_ddp_and_resumes(lightning_ddp, tiny_embed, tmp_path):
+    """strategy fsdp2 (FSDP2's fully_shard over gloo, Lightning's ModelParallelStrategy): the same batches, losses,
+    final weights and EMA as DDP (fp32); the EMA gathered whole on rank 0 is DDP's; a run stopped at step 3
+    resumes from its (whole, rank-0) checkpoint onto the losses of the uninterrupted run."""
+    ranks = two_process_run(tiny_embed[0].layout.embeddings, tmp_path, "fsdp2")
+    trained = 2 * sum(1 for _ in PriorModule({"dim": 32, "width": 32, "depth": 1, "heads": 2}).net.parameters())
+    assert ranks[0]["sharded_tensors"] == trained - 2 * 2  # all but clip_mean, clip_std (whole), in net and EMA
+    assert lightning_ddp[0]["sharded_tensors"] == 0
+    for sharded, ddp in zip(ranks, lightning_ddp):
+        assert sharded["batches"] == ddp["batches"]
+        np.testing.assert_allclose(sharded["losses"], ddp["losses"], rtol=1e-5)
+        assert sharded["weights"] == pytest.approx(ddp["weights"], rel=1e-5)
+        assert sharded["ema"] == pytest.approx(ddp["ema"], rel=1e-5)
+    assert ranks[0]["sharded"]["ema"] == pytest.approx(lightning_ddp[0]["ema"], rel=1e-5)
+    np.testing.assert_allclose(ranks[0]["sharded"]["resumed_losses"], ranks[0]["losses"], rtol=1e-5)
 
 
 def test_tiny_prior_trains_with_clip_text_tokens(prior_settings, tiny_embed):

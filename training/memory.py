@@ -258,3 +258,33 @@ def announce(run_dir: Path, figures: dict) -> dict:
     (run_dir / "estimate.json").write_text(json.dumps(figures, indent=1) + "\n")
     print(report(figures) + f"\n  written to {run_dir / 'estimate.json'}")
     return figures
+
+
+# Sharded training (`strategy: fsdp2`): FSDP2's fully_shard through Lightning's ModelParallelStrategy, which also
+# runs on CPUs over gloo.
+
+
+def shard_units(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks sharded as units of their own (gathered one at a time in forward and backward): a
+    PriorTransformer's transformer blocks, a UNet's down, mid and up blocks."""
+    from diffusers import PriorTransformer
+
+    units = []
+    for part in net.modules():
+        if isinstance(part, PriorTransformer):
+            units += list(part.transformer_blocks)
+        elif hasattr(part, "down_blocks") and hasattr(part, "up_blocks"):
+            units += [*part.down_blocks, *([part.mid_block] if part.mid_block is not None else []), *part.up_blocks]
+    return units
+
+
+def shard(net: torch.nn.Module, mesh, whole: set[str]) -> None:
+    """fully_shard `net` over `mesh`, block by block (`shard_units`) then the rest; the parameters named in
+    `whole` (frozen ones that code outside forward reads, such as a prior's clip statistics) stay whole tensors
+    on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    ignored = {p for name, p in net.named_parameters() if name in whole}
+    for unit in shard_units(net):
+        fully_shard(unit, mesh=mesh, ignored_params=ignored & set(unit.parameters()))
+    fully_shard(net, mesh=mesh, ignored_params=ignored)

@@ -103,6 +103,7 @@ def train_prior(**settings) -> dict:
     trainer = build_trainer(run_dir, **parts["trainer"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir, run.resume))
     reached = steps_reached(trainer)
+    module.unshard_ema()  # under fsdp2 every rank gathers; then rank 0 evaluates and exports as under DDP
     if not trainer.is_global_zero:
         return {"step": trainer.global_step}
     # The final figures, outside Lightning so no rank waits on another (on the training device: Lightning's

@@ -21,7 +21,7 @@ from embeddings.config import ConfigError
 from embeddings.hardware import bf16_is_fast
 from training.diffusion import stream
 from training.export import FORMATS, attention_layout, check_layout
-from training.memory import ActivationCheckpointing
+from training.memory import ActivationCheckpointing, shard
 from training.streaming import ShardStream
 
 PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32")
@@ -100,6 +100,20 @@ def steps_reached(trainer: L.Trainer) -> dict:
     return {"step": trainer.global_step, "stopped_by": stopped_by}
 
 
+def fsdp2_strategy(launcher: str, devices: int | str, num_nodes: int):
+    """`strategy: fsdp2`: FSDP2 (fully_shard) over every rank through Lightning's ModelParallelStrategy, with
+    checkpoints gathered whole on rank 0 (one file, which a DDP run or another world size can resume)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if launcher != "lightning" or not isinstance(devices, int):
+        raise ConfigError(
+            "strategy fsdp2 needs launcher lightning (torchrun and SLURM included) and devices as a number"
+        )
+    return ModelParallelStrategy(
+        data_parallel_size=devices * num_nodes, tensor_parallel_size=1, save_distributed_checkpoint=False
+    )
+
+
 def build_trainer(
     run_dir: str | Path,
     *,
@@ -130,6 +144,8 @@ def build_trainer(
     if int(accumulate_grad_batches) < 1:
         raise ConfigError(f"accumulate_grad_batches {accumulate_grad_batches}: give a whole number ≥ 1")
     run_dir = Path(run_dir)
+    if strategy == "fsdp2":
+        strategy = fsdp2_strategy(launcher, devices, num_nodes)
     plugins, precision = [], resolve_precision(precision, accelerator)
     if precision == "16-mixed":
         plugins, precision = [fp16_plugin(accelerator)], None
@@ -293,6 +309,35 @@ class DiffusionModule(StreamingModule):
     def init_nets(self, net: torch.nn.Module) -> None:
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
+        self.net_class, self.sharded = type(net), False
+
+    def configure_model(self) -> None:
+        """Under `strategy: fsdp2` (a device mesh is set): the network and its EMA copy sharded alike over the
+        ranks, so the EMA step stays a local one; frozen parameters stay whole (training/memory.py:shard)."""
+        if self.device_mesh is None or self.sharded:
+            return
+        if self.kind != "prior":
+            raise ConfigError(
+                f"strategy fsdp2 shards the prior only: the {self.kind}'s loss reads a weight outside the network's "
+                "forward (the learned null embedding); use strategy ddp"
+            )
+        whole = {name for name, p in self.net.named_parameters() if not p.requires_grad}
+        for net in (self.net, self.ema):
+            shard(net, self.device_mesh["data_parallel"], whole)
+        self.sharded = True
+
+    def unshard_ema(self) -> None:
+        """After sharded training, on every rank (it gathers): the EMA copy as one whole network again, which
+        evaluation, sampling and export read."""
+        if not self.sharded:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True))
+        whole = self.net_class(self.config)
+        whole.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
+        self.ema = whole.requires_grad_(False).to(self.device)
+        self.sampler.net = self.ema
 
     def on_train_start(self) -> None:
         self._ema_step = self.global_step
