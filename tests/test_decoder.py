@@ -315,22 +315,21 @@ def test_frechet_distance_and_diversity():
     assert mean_pairwise(apart, 2, "rms") == pytest.approx(1)
 
 
-@pytest.mark.parametrize("launcher", ["lightning", "ray"])
-def test_decoder_trains_and_exports_on_two_processes(launcher, tiny_embed, tmp_path):
-    """DDP on two CPU processes, started by Lightning or by Ray Train: every rank reaches the final
-    validation (a collective) and rank 0 exports."""
+def _two_process_decoder(tiny_embed, out, launcher: str = "lightning", strategy: str = "ddp") -> dict:
+    """The tiny decoder trained 6 steps on two CPU processes (validating at 3 and 6); its export's config."""
     config, _ = tiny_embed
     overrides = [
         f"data_root={config.data_root}",
         "devices=2",
-        "strategy=ddp",
+        f"strategy={strategy}",
         "accelerator=cpu",
+        "precision=32",
         f"launcher={launcher}",
         "max_steps=6",
         "val_every=3",
         "checkpoint_every=3",
-        f"models_root={tmp_path / 'models'}",
-        f"outputs_root={tmp_path / 'outputs'}",
+        f"models_root={out / 'models'}",
+        f"outputs_root={out / 'outputs'}",
     ]
     command = [sys.executable, "-m", "training", "decoder", "--config", "configs/decoder/tiny.yaml"]
     command += [arg for o in overrides for arg in ("--set", o)]
@@ -343,9 +342,30 @@ def test_decoder_trains_and_exports_on_two_processes(launcher, tiny_embed, tmp_p
     finally:
         kill_session(process.pid)
     assert process.returncode == 0, output[-3000:]
-    exported = json.loads((tmp_path / "models" / "tiny" / "decoder" / "config.json").read_text())
+    exported = json.loads((out / "models" / "tiny" / "decoder" / "config.json").read_text())
     assert exported["metrics"]["step"] == 6 and math.isfinite(exported["metrics"]["val_loss"])
-    assert (tmp_path / "outputs" / "train-decoder-tiny" / "samples" / "step000006.png").is_file()
+    assert (out / "outputs" / "train-decoder-tiny" / "samples" / "step000006.png").is_file()
+    return exported
+
+
+def test_decoder_trains_and_exports_on_two_ray_train_workers(tiny_embed, tmp_path):
+    """DDP on two CPU processes started by Ray Train: every rank reaches the final validation (a collective) and
+    rank 0 exports."""
+    _two_process_decoder(tiny_embed, tmp_path, launcher="ray")
+
+
+def test_the_decoder_sharded_with_fsdp2_trains_as_ddp_does(tiny_embed, tmp_path):
+    """Two CPU processes, DDP and then fsdp2 (the UNet's blocks and the EMA copy sharded; the grids drawn by every
+    rank): both export after the final validation, with the same EMA weights and val loss (fp32)."""
+    from safetensors.torch import load_file
+
+    ddp = _two_process_decoder(tiny_embed, tmp_path / "ddp")
+    sharded = _two_process_decoder(tiny_embed, tmp_path / "fsdp2", strategy="fsdp2")
+    assert sharded["metrics"]["val_loss"] == pytest.approx(ddp["metrics"]["val_loss"], rel=1e-4)
+    weights = [load_file(tmp_path / run / "models/tiny/decoder/decoder.safetensors") for run in ("ddp", "fsdp2")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():

@@ -117,10 +117,13 @@ class ImageDiffusionModule(DiffusionModule):
         if self._val_losses:
             self.log("val/loss", sum(self._val_losses) / len(self._val_losses), prog_bar=True, sync_dist=True)
             self._val_losses.clear()
-        if self._grid_batch is not None and self.grid_dir is not None and self.global_rank == 0:
+        # Rank 0 draws the grid; under fsdp2 every rank samples alongside it (the sharded EMA gathers its weights
+        # collectively), each its own first val batch, and rank 0 alone saves.
+        if self._grid_batch is not None and self.grid_dir is not None and (self.global_rank == 0 or self.sharded):
             images, columns = self.grid(self._grid_batch)
-            path = save_grid(to_uint8(images), Path(self.grid_dir) / f"step{self.global_step:06d}.png", columns)
-            print(f"\nsample grid: {path}")
+            if self.global_rank == 0:
+                path = save_grid(to_uint8(images), Path(self.grid_dir) / f"step{self.global_step:06d}.png", columns)
+                print(f"\nsample grid: {path}")
         self._grid_batch = None
 
 
@@ -184,12 +187,12 @@ class DecoderModule(ImageDiffusionModule):
         b = x_0.shape[0]
         drop_z = torch.rand(b, generator=generator, device=x_0.device) < self.hparams.cond_drop_prob
         drop_text = torch.rand(b, generator=generator, device=x_0.device) < self.hparams.text_drop_prob
-        z = drop_embedding(self.condition_of(batch), drop_z, net.null_embedding())
+        z = self.condition_of(batch)
         z_t = batch["z_t"].float() if net.reads_text_embedding else None
         caption = Caption(z_t, *self.text.tokens(batch["caption"], self.device))
         if caption.tokens is not None:
             caption = drop_caption(caption, drop_text, self.text.empty(self.device, raw=self.config.raw))
-        output = net(x_t, t, z, caption.tokens, caption.mask, z_t=caption.z_t)
+        output = net(x_t, t, z, caption.tokens, caption.mask, z_t=caption.z_t, drop=drop_z)
         prediction, values = output.float().chunk(2, dim=1) if self.config.learned_variance else (output, None)
         mse = self.mse(prediction, target, t).mean()
         if values is None:

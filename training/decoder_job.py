@@ -148,6 +148,7 @@ def _fit(module, run: ExportRun, parts: dict, manifest: dict, estimated: dict) -
     reached = steps_reached(trainer)
     # The final val loss and sample grid; every rank takes part (under DDP the val loss is averaged over ranks).
     trainer.validate(module, datamodule=datamodule, verbose=False)
+    module.unshard_ema()  # under fsdp2 every rank gathers; then rank 0 exports as under DDP
     if not trainer.is_global_zero:
         return {"step": trainer.global_step}
     metrics = {

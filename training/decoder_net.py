@@ -4,9 +4,9 @@ Decoder: ε = decoder(x_t, t, z). The CLIP embedding z is conditioned on twice, 
 projected and added to the timestep embedding (the UNet's `class_embed_type="projection"`), and
 projected into 4 extra context tokens that every cross-attention layer attends to, concatenated
 with projected text token encodings when those are used. Cross-attention runs `channels // head_width`
-heads of width `head_width` at each level. The network knows nothing of dropped conditions: the
-caller passes the dropped z (`null_embedding()`) and the empty caption's tokens in their place
-(training/conditioning.py). Karlo's layout (`KarloDecoder`, `layout: karlo`, the form that exports) is described at
+heads of width `head_width` at each level. A dropped z is the caller's `drop` mask: the network
+puts its `null_embedding()` there itself (inside forward, where a sharded network's weights are whole);
+a dropped caption is the empty caption's tokens, which the caller passes (training/conditioning.py). Karlo's layout (`KarloDecoder`, `layout: karlo`, the form that exports) is described at
 its class; it reads raw CLIP vectors (unit × the shards' norm columns), this one unit vectors.
 `z` is whatever vector the module conditions on: the CLIP image embedding for unCLIP, the CLIP text
 embedding for the GLIDE-like baseline (same network, same places).
@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, UNet2DModel
+
+from training.conditioning import drop_embedding
 
 
 @dataclass
@@ -138,11 +140,14 @@ class Decoder(nn.Module):
         text_tokens: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         z_t: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_t: (B, 3, H, W); t: (B,); z: (B, D) unit (or zero); text_tokens (B, T, W); token_mask (B, T) True = real.
-        z_t is not read (this layout conditions on z and the tokens only; the caller need not pass it)."""
+        """x_t: (B, 3, H, W); t: (B,); z: (B, D) unit; text_tokens (B, T, W); token_mask (B, T) True = real;
+        drop (B,) True where z is dropped (classifier-free guidance: the null embedding in its place, inside
+        forward so that a sharded network's weights are only read there). z_t is not read (this layout conditions
+        on z and the tokens only; the caller need not pass it)."""
         b = x_t.shape[0]
-        z = z * self.scale
+        z = drop_embedding(z, drop, self.null_embedding()) * self.scale
         context = self.to_context(z).view(b, self.config.context_tokens, self.config.context_width)
         keep = torch.ones(context.shape[:2], dtype=torch.bool, device=x_t.device)
         if self.in_tokens is not None:
@@ -227,11 +232,14 @@ class KarloDecoder(nn.Module):
         text_tokens: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         z_t: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_t (B, 3, H, W); t (B,); z, z_t (B, D) raw; text_tokens (B, T, D); token_mask (B, T) True = real.
-        Returns (B, 3, H, W) ε, or (B, 6, H, W) ε and the variance values."""
+        """x_t (B, 3, H, W); t (B,); z, z_t (B, D) raw; text_tokens (B, T, D); token_mask (B, T) True = real; drop
+        (B,) True where z is dropped (the learned null embedding in its place). Returns (B, 3, H, W) ε, or
+        (B, 6, H, W) ε and the variance values."""
         if text_tokens is None or z_t is None:
             raise ValueError("Karlo's decoder reads the caption: pass text_tokens and z_t")
+        z = drop_embedding(z, drop, self.null_embedding())
         if token_mask is None:
             token_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x_t.device)
         context, time = self.text_proj(

@@ -278,13 +278,17 @@ def shard_units(net: torch.nn.Module) -> list[torch.nn.Module]:
     return units
 
 
-def shard(net: torch.nn.Module, mesh, whole: set[str]) -> None:
+def shard(net: torch.nn.Module, mesh, whole: set[str], trained: bool = True) -> None:
     """fully_shard `net` over `mesh`, block by block (`shard_units`) then the rest; the parameters named in
     `whole` (frozen ones that code outside forward reads, such as a prior's clip statistics) stay whole tensors
-    on every rank."""
+    on every rank. A network that is not `trained` (the EMA copy, forward only) is resharded after every forward,
+    its outermost parameters too (which FSDP2 would keep gathered for a backward pass that never comes)."""
     from torch.distributed.fsdp import fully_shard
 
     ignored = {p for name, p in net.named_parameters() if name in whole}
+    after_forward = None if trained else True
     for unit in shard_units(net):
-        fully_shard(unit, mesh=mesh, ignored_params=ignored & set(unit.parameters()))
-    fully_shard(net, mesh=mesh, ignored_params=ignored)
+        fully_shard(
+            unit, mesh=mesh, ignored_params=ignored & set(unit.parameters()), reshard_after_forward=after_forward
+        )
+    fully_shard(net, mesh=mesh, ignored_params=ignored, reshard_after_forward=after_forward)

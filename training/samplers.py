@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.conditioning import Caption, FrozenText, drop_caption, drop_embedding
+from training.conditioning import Caption, FrozenText, drop_caption
 from training.decoder_net import Upsampler, upsample
 from training.diffusion import ddim_sample, guided, seeded_noise, stream, unclip_sample
 from training.prior_net import DiffusionPrior
@@ -178,16 +178,18 @@ class DecoderSampler:
         z = z.to(device).float()
         b, size = z.shape[0], self.config.image_size
         caption = self.caption(captions, b, device)
-        if scale != 1.0:  # the unconditional half: z and the caption dropped
+        drop = None
+        if scale != 1.0:  # the unconditional half: z (the network puts its null embedding there) and the caption
             everything = torch.ones(b, dtype=torch.bool, device=device)
-            z = torch.cat([z, drop_embedding(z, everything, self.net.null_embedding())])
+            z, drop = torch.cat([z, z]), torch.cat([~everything, everything])
             if caption.tokens is not None:
                 caption = caption.cat(drop_caption(caption, everything, self.text.empty(device, raw=self.config.raw)))
 
         def denoise(x_t, t):
             if scale == 1.0:
                 return self.net(x_t, t, z, caption.tokens, caption.mask, z_t=caption.z_t)
-            out = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), z, caption.tokens, caption.mask, z_t=caption.z_t)
+            x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
+            out = self.net(x_t, t, z, caption.tokens, caption.mask, z_t=caption.z_t, drop=drop)
             cond, uncond = out.chunk(2)
             if self.config.learned_variance:
                 (eps, values), (eps_uncond, _) = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)

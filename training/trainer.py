@@ -316,14 +316,9 @@ class DiffusionModule(StreamingModule):
         ranks, so the EMA step stays a local one; frozen parameters stay whole (training/memory.py:shard)."""
         if self.device_mesh is None or self.sharded:
             return
-        if self.kind != "prior":
-            raise ConfigError(
-                f"strategy fsdp2 shards the prior only: the {self.kind}'s loss reads a weight outside the network's "
-                "forward (the learned null embedding); use strategy ddp"
-            )
         whole = {name for name, p in self.net.named_parameters() if not p.requires_grad}
-        for net in (self.net, self.ema):
-            shard(net, self.device_mesh["data_parallel"], whole)
+        shard(self.net, self.device_mesh["data_parallel"], whole)
+        shard(self.ema, self.device_mesh["data_parallel"], whole, trained=False)
         self.sharded = True
 
     def unshard_ema(self) -> None:
