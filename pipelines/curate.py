@@ -159,9 +159,10 @@ def _pairs_task(x: np.ndarray, members: list[np.ndarray], threshold: float) -> t
 
 
 def search_on_ray(x: np.ndarray, members: list[np.ndarray], threshold: float, tasks: int) -> np.ndarray:
-    """`pairs_within` as Ray tasks of one CPU each, spread over the nodes: the clusters are dealt into `tasks`
-    batches of about equal cost (a cluster of m rows costs m²), each task is sent its batch's rows of `x` only,
-    and at most twice the cluster's CPU count are in flight, so the driver never copies all of `x` at once."""
+    """`pairs_within` as Ray tasks of one CPU each, spread over the nodes: the k-means clusters are dealt into
+    `tasks` batches of about equal cost (a cluster of m rows costs m²), each task is sent its batch's rows of `x`
+    only, and at most twice the Ray cluster's CPU count are in flight (with four tasks per CPU, about half the
+    batches: up to about breadth/2 times `x` in Ray's object store at once)."""
     import ray
 
     remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_pairs_task)

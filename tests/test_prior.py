@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from embeddings import store
-from training.prior import PriorModule, evaluate_prior
+from training.prior import PriorDataModule, PriorModule, evaluate_prior
 from training.export import load_prior
 from training.generate import sample_prior
 from training.prior_job import load_prior_config, train_prior
@@ -41,12 +42,12 @@ def prior_settings(tiny_embed, tmp_path_factory):
     return dict(settings, data_root=config.data_root, models_root=str(root / "models"), precision="32"), root
 
 
-def _run(settings, root, run, stop_at=None, **overrides):
+def _run(settings, root, run, stop_at=None, extra=(), **overrides):
     callback = RecordBatches(stop_at)
     import training.prior_job as job
 
     original = job.build_trainer
-    job.build_trainer = lambda *a, **k: original(*a, **dict(k, callbacks=[callback]))
+    job.build_trainer = lambda *a, **k: original(*a, **dict(k, callbacks=[callback, *extra]))
     try:
         metrics = train_prior(**dict(settings, outputs_root=str(root / run), **overrides))
     finally:
@@ -195,23 +196,41 @@ def test_fp16_trains_under_a_dynamic_loss_scale_that_skips_an_overflowing_step(p
     assert len(values) == 6 and np.isinf(values[3]) and all(0 < v < np.inf for v in values[:3] + values[4:])
 
 
+class Draws(L.Callback):
+    """Per training batch: its place in the accumulation and the first number its step generator draws; whether
+    the prior's transformer blocks are wrapped for checkpointing (at the first batch)."""
+
+    def __init__(self):
+        self.micro, self.first_draw, self.wrapped = [], [], None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.micro.append(module.micro_batch())
+        self.first_draw.append(float(torch.rand(1, generator=module.step_generator())))
+        if self.wrapped is None:
+            blocks = module.net.transformer.transformer_blocks
+            self.wrapped = [isinstance(block.forward, functools.partial) for block in blocks]
+
+
 def test_accumulated_gradients_resume_exactly_and_step_the_ema_per_optimizer_step(prior_settings, monkeypatch):
-    """accumulate_grad_batches 2: a run stopped at step 3 and resumed sees the batches and losses of an uninterrupted
-    one; the EMA moves once per optimizer step; the two batches of a step draw different noise."""
+    """accumulate_grad_batches 2: the EMA moves once per optimizer step; the two batches of a step draw from
+    streams of their own; a run stopped at step 3 and resumed sees the batches and losses of an uninterrupted
+    one."""
     import training.trainer as trainer_module
 
     settings, root = prior_settings
     ema_steps = []
     original_ema = trainer_module.ema_update
-    monkeypatch.setattr(
-        trainer_module,
-        "ema_update",
-        lambda ema, net, step, decay: (ema_steps.append(step), original_ema(ema, net, step, decay)),
-    )
+
+    def counted(ema, net, step, decay):
+        ema_steps.append(step)
+        original_ema(ema, net, step, decay)
+
+    monkeypatch.setattr(trainer_module, "ema_update", counted)
+    draws = Draws()
     common = dict(max_steps=6, val_every=1000, accumulate_grad_batches=2, resume=None)
-    _, whole = _run(settings, root, "accumulate-whole", **common)
+    _, whole = _run(settings, root, "accumulate-whole", **common, extra=[draws])
     assert len(whole.keys) == 12 and ema_steps == [1, 2, 3, 4, 5, 6]
-    assert whole.losses[0] != whole.losses[1]  # two batches, two draws (not one stream per step)
+    assert draws.micro == [0, 1] * 6 and len(set(draws.first_draw)) == 12
     _, first = _run(settings, root, "accumulate-split", **dict(common, checkpoint_every=3), stop_at=3)
     checkpoint = root / "accumulate-split" / "train-prior-tiny" / "checkpoints" / "step000003.ckpt"
     assert torch.load(checkpoint, weights_only=True)["data_position"]["batches"] % 2 == 0
@@ -220,12 +239,36 @@ def test_accumulated_gradients_resume_exactly_and_step_the_ema_per_optimizer_ste
     assert second.losses == pytest.approx(whole.losses[len(first.losses) :], rel=1e-5)
 
 
+def test_a_wall_clock_stop_waits_for_the_step_to_complete(prior_settings, tiny_embed):
+    """max_time runs out after some batch: with 5 batches a step, training stops after a step's last batch (or
+    the epoch's), so the checkpoint it leaves holds no half-accumulated step."""
+    settings, root = prior_settings
+    metrics, record = _run(
+        settings, root, "accumulate-budget", max_steps=100_000, max_time=3, val_every=1000, accumulate_grad_batches=5
+    )
+    assert metrics["stopped_by"] == "max_time"
+    data = PriorDataModule(str(tiny_embed[0].layout.embeddings), seed=0, batch_size=settings["batch_size"])
+    per_epoch = data.train_stream(0).batches_per_epoch()  # Lightning steps at an epoch's end too
+    epochs, within = divmod(len(record.keys), per_epoch)
+    assert per_epoch % 5 and within % 5 == 0
+    assert metrics["step"] == epochs * -(-per_epoch // 5) + within // 5
+
+
 def test_gradient_checkpointing_trains_the_same_prior(prior_settings):
     settings, root = prior_settings
     _, plain = _run(settings, root, "plain", max_steps=4, val_every=1000, resume=None)
+    draws = Draws()
     _, switched = _run(
-        settings, root, "checkpointed", max_steps=4, val_every=1000, resume=None, gradient_checkpointing=True
+        settings,
+        root,
+        "checkpointed",
+        max_steps=4,
+        val_every=1000,
+        resume=None,
+        gradient_checkpointing=True,
+        extra=[draws],
     )
+    assert draws.wrapped == [True, True]  # both blocks of the tiny prior
     assert switched.keys == plain.keys and switched.losses == pytest.approx(plain.losses, rel=1e-5)
 
 

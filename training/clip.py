@@ -24,13 +24,12 @@ from embeddings.encoders import save_clip_folder
 from embeddings.tars import iter_tar_samples
 from training.clip_eval import evaluate_clip
 from training.data import decode_image, read_tar_range, tar_shards, view_keys
-from training.memory import announce, autocast_device, estimate
+from training.memory import announce, estimate, planned_numerics
 from training.settings import JobSpec, Run
 from training.trainer import (
     StreamingDataModule,
     StreamingModule,
     build_trainer,
-    resolve_precision,
     resume_checkpoint,
     steps_reached,
     warmup_cosine,
@@ -104,6 +103,7 @@ class ClipModule(StreamingModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         with torch.no_grad():  # CLIP clamps its temperature at 100
             self.model.logit_scale.clamp_(0, math.log(100))
 
@@ -221,24 +221,26 @@ def load_clip_config(path: str | Path, overrides: list[str] | None = None) -> di
     return CLIP_JOB.load(path, overrides)
 
 
+def clip_example_inputs(model: dict, batch: int, device: torch.device | str = "cpu") -> tuple:
+    """(images, tokens) of `batch` rows for an open_clip CLIP of config `model`: images at its size, captions of
+    its whole context length (what train-clip's estimate runs)."""
+    size = model["vision_cfg"]["image_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    images = torch.randn(batch, 3, height, width, device=device)
+    return images, torch.zeros(batch, model["text_cfg"].get("context_length", 77), dtype=torch.long, device=device)
+
+
 def clip_estimate(parts: dict, dry_run: bool = False) -> dict:
-    """The memory and FLOP estimate of training the config's CLIP (training/memory.py): images at its size,
-    captions of its full context length."""
-    model, trainer = parts["module"]["model"], parts["trainer"]
-    size, context = model["vision_cfg"]["image_size"], model["text_cfg"].get("context_length", 77)
-
-    def inputs(net, batch):
-        device = net.logit_scale.device
-        images = torch.randn(batch, 3, size, size, device=device)
-        return images, torch.zeros(batch, context, dtype=torch.long, device=device)
-
+    """The memory and FLOP estimate of training the config's CLIP (training/memory.py; no EMA copy)."""
+    model = parts["module"]["model"]
+    precision, device_type = planned_numerics(parts["trainer"], dry_run)
     return estimate(
         lambda: open_clip.model.CLIP(**model),
         parts["data"]["batch_size"],
-        resolve_precision(trainer["precision"], trainer["accelerator"]),
-        trainer["gradient_checkpointing"],
-        inputs,
-        device_type=autocast_device(trainer["accelerator"], dry_run),
+        precision,
+        parts["trainer"]["gradient_checkpointing"],
+        lambda net, batch: clip_example_inputs(model, batch, net.logit_scale.device),
+        device_type=device_type,
         ema=False,
     )
 

@@ -27,11 +27,11 @@ from training.decoder_net import (
     decoder_example_inputs,
 )
 from training.export import save_export
-from training.memory import announce, autocast_device, dry_run_sizes, estimate
+from training.memory import announce, dry_run_sizes, estimate, planned_numerics
 from training.published import checked_decoder_sizes, upsampler_sizes
 from training.samplers import DecoderSampling, UpsamplerSampling
 from training.settings import ExportRun, JobSpec, check_dim, clip_record
-from training.trainer import build_trainer, resolve_precision, resume_checkpoint, steps_reached
+from training.trainer import build_trainer, resume_checkpoint, steps_reached
 
 _SET_BY_JOB = ("clip", "shards_dir", "embeddings_dir", "image_size", "raw_norms", "keep", "run_dir", "callbacks")
 DECODER_JOB = JobSpec(
@@ -68,13 +68,14 @@ def image_estimate(kind: str, sizes: dict, parts: dict, tokens: int = CAPTION_TO
             (lambda: Upsampler(UpsamplerConfig(**sizes))),
             (lambda net, batch: net.example_inputs(batch, crop)),
         )
+    precision, device_type = planned_numerics(trainer, dry_run)
     return estimate(
         build,
         parts["data"]["batch_size"],
-        resolve_precision(trainer["precision"], trainer["accelerator"]),
+        precision,
         trainer["gradient_checkpointing"],
         inputs,
-        device_type=autocast_device(trainer["accelerator"], dry_run),
+        device_type=device_type,
     )
 
 

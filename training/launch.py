@@ -35,7 +35,7 @@ def run_job(job: Callable[..., dict], config: dict) -> dict:
     launcher = config["launcher"]
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
-    if launcher == "lightning":
+    if launcher == "lightning" or config.get("dry_run"):  # a dry run starts no worker: it only estimates
         return job(**config)
     return ray_train(job, config)
 

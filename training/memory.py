@@ -1,8 +1,11 @@
-"""What a training step holds in memory, and the switch that trades compute for it.
+"""What a training step holds in memory, what it costs, and the switches that shrink it.
 
-`checkpoint_activations` turns on activation (gradient) checkpointing in a trained network: the
-activations inside each transformer block or UNet block are recomputed in the backward pass instead
-of being kept from the forward pass. The weights, their names and the results stay the same.
+- `checkpoint_activations`: activation (gradient) checkpointing in a trained network: the activations
+  inside each transformer block or UNet block are recomputed in the backward pass instead of being kept
+  from the forward pass; the weights, their names and the results stay the same.
+- `estimate`: memory per device and FLOPs per sample before the first step, from the network built and
+  run once on the meta device (`TrainingOnMeta`); `PeakMemory` measures the same on real tensors.
+- `shard`: FSDP2's fully_shard, block by block, for `strategy: fsdp2`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def checkpoint_activations(net: torch.nn.Module) -> int:
     for part in net.modules():
         if isinstance(part, PriorTransformer):
             for block in part.transformer_blocks:
-                block.forward = functools.partial(_checkpointed, block.forward)
+                if not isinstance(block.forward, functools.partial):  # once, however often it is asked
+                    block.forward = functools.partial(_checkpointed, block.forward)
             switched += 1
         elif getattr(part, "_supports_gradient_checkpointing", False):
             part.enable_gradient_checkpointing()
@@ -49,7 +53,8 @@ class ActivationCheckpointing(L.Callback):
     """Switches checkpointing on in the module's trained network (`trained_network()`) before training."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        checkpoint_activations(pl_module.trained_network())
+        if stage == "fit":
+            checkpoint_activations(pl_module.trained_network())
 
 
 # The estimate before the first step (`dry_run`): a forward and backward pass of the trained network on the meta
@@ -166,7 +171,7 @@ def estimate(
     fp32 weights, gradients and AdamW's two moments per trained parameter, the EMA copy (all parameters; `ema`), and
     the activations autograd saves for the backward pass (counted on `inputs(net, batch)`, default the network's
     `example_inputs(batch)`; with `checkpointing`, as checkpointing keeps them; mixed precision as autocast on
-    `device_type` casts, MixedPrecisionOnMeta). FLOPs: forward and backward of one sample, counted by
+    `device_type` casts, TrainingOnMeta). FLOPs: forward and backward of one sample, counted by
     torch.utils.flop_counter (without checkpointing's recomputation)."""
     with torch.device("meta"):
         net = build()
@@ -244,12 +249,14 @@ def dry_run_sizes(kind: str, sizes: dict, text_tokens: str, defaults: dict) -> d
     return sizes
 
 
-def autocast_device(accelerator: str, dry_run: bool) -> str:
-    """Whose autocast lists an estimate follows: CUDA's (norms in fp32) on GPUs and in a dry run, which sizes a
-    run for GPUs unless the config names the CPU; else the CPU's."""
-    from training.trainer import on_gpu
+def planned_numerics(trainer: dict, dry_run: bool) -> tuple[str, str]:
+    """(precision, autocast device) an estimate assumes for a job's trainer settings: on the machine it runs
+    on, except that a dry run sizes a GPU run unless the config names the CPU (so `precision: auto` is bf16 on
+    a laptop too, and norms run in fp32 as CUDA's autocast keeps them)."""
+    from training.trainer import on_gpu, resolve_precision
 
-    return "cuda" if on_gpu(accelerator) or (dry_run and accelerator != "cpu") else "cpu"
+    accelerator = "gpu" if dry_run and trainer["accelerator"] != "cpu" else trainer["accelerator"]
+    return resolve_precision(trainer["precision"], accelerator), "cuda" if on_gpu(accelerator) else "cpu"
 
 
 def announce(run_dir: Path, figures: dict) -> dict:

@@ -17,13 +17,13 @@ from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
 from training.data import embedding_shards, require_norm_columns, view_keys
 from training.export import save_export
-from training.memory import announce, autocast_device, dry_run_sizes, estimate
+from training.memory import announce, dry_run_sizes, estimate, planned_numerics
 from training.prior import PriorDataModule, PriorModule, raw_statistics, to_batch
 from training.prior_net import DiffusionPrior, PriorConfig
 from training.published import checked_prior_sizes, statistics_fit
 from training.samplers import PriorSampling
 from training.settings import JobSpec, Run, check_dim, clip_record
-from training.trainer import build_trainer, resolve_precision, resume_checkpoint, steps_reached
+from training.trainer import build_trainer, resume_checkpoint, steps_reached
 
 PRIOR_JOB = JobSpec(
     {"run": Run, "module": PriorModule, "data": PriorDataModule, "trainer": build_trainer},
@@ -52,13 +52,13 @@ def report_statistics(net, rows: list[dict]) -> None:
 
 def prior_estimate(sizes: dict, parts: dict, dry_run: bool = False) -> dict:
     """The memory and FLOP estimate of training a prior of `sizes` with a job's settings (training/memory.py)."""
-    trainer = parts["trainer"]
+    precision, device_type = planned_numerics(parts["trainer"], dry_run)
     return estimate(
         lambda: DiffusionPrior(PriorConfig(**sizes)),
         parts["data"]["batch_size"],
-        resolve_precision(trainer["precision"], trainer["accelerator"]),
-        trainer["gradient_checkpointing"],
-        device_type=autocast_device(trainer["accelerator"], dry_run),
+        precision,
+        parts["trainer"]["gradient_checkpointing"],
+        device_type=device_type,
     )
 
 

@@ -100,6 +100,13 @@ def steps_reached(trainer: L.Trainer) -> dict:
     return {"step": trainer.global_step, "stopped_by": stopped_by}
 
 
+def check_accumulation(batches) -> int:
+    """accumulate_grad_batches as a whole number ≥ 1; anything else is refused."""
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ConfigError(f"accumulate_grad_batches {batches!r}: give a whole number ≥ 1")
+    return batches
+
+
 def fsdp2_strategy(launcher: str, devices: int | str, num_nodes: int):
     """`strategy: fsdp2`: FSDP2 (fully_shard) over every rank through Lightning's ModelParallelStrategy, with
     checkpoints gathered whole on rank 0 (one file, which a DDP run or another world size can resume)."""
@@ -141,12 +148,13 @@ def build_trainer(
     gradients add up to one optimizer step (steps, the schedule, EMA and checkpoints count optimizer steps);
     `gradient_checkpointing`: recompute activations in the backward pass (training/memory.py).
     """
-    if int(accumulate_grad_batches) < 1:
-        raise ConfigError(f"accumulate_grad_batches {accumulate_grad_batches}: give a whole number ≥ 1")
+    check_accumulation(accumulate_grad_batches)
     run_dir = Path(run_dir)
-    if strategy == "fsdp2":
-        strategy = fsdp2_strategy(launcher, devices, num_nodes)
     plugins, precision = [], resolve_precision(precision, accelerator)
+    if strategy == "fsdp2":
+        if precision == "16-mixed":  # a GradScaler sees one rank's shard of the gradients: ranks could disagree
+            raise ConfigError("strategy fsdp2 takes precision bf16-mixed or 32, not 16-mixed")
+        strategy = fsdp2_strategy(launcher, devices, num_nodes)
     if precision == "16-mixed":
         plugins, precision = [fp16_plugin(accelerator)], None
     if launcher == "ray":
@@ -185,7 +193,7 @@ def build_trainer(
             *(callbacks or []),
         ],
         accumulate_grad_batches=int(accumulate_grad_batches),
-        val_check_interval=val_every,
+        val_check_interval=val_every * int(accumulate_grad_batches),  # Lightning counts batches here
         check_val_every_n_epoch=None,
         log_every_n_steps=log_every,
         reload_dataloaders_every_n_epochs=1,  # each epoch plans its own shard order
@@ -199,7 +207,11 @@ def build_trainer(
     return trainer
 
 
-build_trainer.config_checks = {"precision": check_precision, "max_time": parse_max_time}  # at config load
+build_trainer.config_checks = {
+    "precision": check_precision,
+    "max_time": parse_max_time,
+    "accumulate_grad_batches": check_accumulation,
+}  # at config load
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, floor: float = 0.05) -> float:
@@ -237,6 +249,12 @@ class StreamingModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.resume_position = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """A stop asked for mid-step (the wall-clock budget runs out after any batch) waits for the batch that
+        completes the optimizer step, so that no checkpoint holds half-accumulated gradients' data position."""
+        if self.trainer.should_stop and self.trainer.fit_loop.epoch_loop._should_accumulate():
+            self.trainer.should_stop = False  # the budget's callback asks again after the next batch
 
     def count_batch(self, loss: torch.Tensor) -> torch.Tensor:
         """Call in training_step with the loss: counts the batch and refuses NaN or inf."""
@@ -339,6 +357,7 @@ class DiffusionModule(StreamingModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """An EMA step after each optimizer step (not after a batch whose gradients are still accumulating)."""
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self.global_step > self._ema_step:
             self._ema_step = self.global_step
             ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
