@@ -1,14 +1,17 @@
 """The GPU timings the issues ask for, in one short script for a lent GPU machine (no Ray there).
 
-    python bench/gpu_checks.py OUT_DIR
+    python bench/gpu_checks.py OUT_DIR            # on the GPU, full size
+    python bench/gpu_checks.py OUT_DIR --smoke    # every check at toy size on the CPU (what make test runs)
 
-1. embed path: ViT-L-14 (random weights, bf16) fed by the embed job's own decode-and-preprocess
-   path (`pipelines.embed.ShardEmbedder.process` on a webdataset tar of 256 px JPEGs), against the
-   same encoder's bare forward pass on pre-made tensors; images/s and the share of the GPU's bf16
-   peak (ViT-L-14 at 224 px ≈ 162 GFLOP per image, counting a multiply-add as 2);
-   and the same with decoding on the CPU but resize/crop/normalise on the GPU.
-2. prior: the full-size prior network (12 layers, width 768, 12 heads, 77 text tokens) training
-   step in bf16 autocast with AdamW: samples/s.
+1. embed path: ViT-L-14 (random weights, bf16) fed by the embed job's own path
+   (`pipelines.embed.ShardEmbedder.process` on a webdataset tar of 256 px JPEGs) with JPEGs decoded on the GPU
+   (torchvision, the job's default there) and with PIL on 14 CPU threads, against the same encoder's bare
+   forward pass on pre-made tensors; images/s and the share of the GPU's bf16 peak (ViT-L-14 at 224 px ≈ 162
+   GFLOP per image, counting a multiply-add as 2).
+2. training: the full-size prior, decoder and upsampler (their configs' sizes and per-GPU batches), a few
+   bf16-autocast AdamW steps each, with and without gradient checkpointing: step time, samples/s, peak memory
+   beside the job's own estimate (training/memory.py), and model FLOP utilisation (the estimate's FLOPs per
+   sample × samples/s over the 989 TFLOP/s dense bf16 data-sheet peak).
 Writes OUT_DIR/gpu_checks.json.
 """
 
@@ -26,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 VIT_L14_GFLOP = 162.0
 H200_BF16_PEAK_TFLOPS = 989.0  # dense, data sheet; ~790 measured on an 8192³ matmul here
@@ -48,122 +50,182 @@ def make_tar(path: Path, n: int, size: int = 256) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int = 1) -> float:
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
-def embed_checks(work: Path, n: int = 4096, batch: int = 256) -> dict:
+def embed_checks(work: Path, smoke: bool = False) -> dict:
+    """The embed job's path (GPU decoding, then PIL decoding) against the bare image and text towers."""
     from pipelines.embed import ShardEmbedder
-    from training.data import decode_image
 
+    n, batch, device = (16, 8, "cpu") if smoke else (4096, 256, "cuda")
+    model = {"model": "RN50", "precision": "fp32"} if smoke else {"model": "ViT-L-14", "precision": "bf16"}
     make_tar(work / "00000.tar", n)
-    embedder = ShardEmbedder(
-        {"model": "ViT-L-14", "precision": "bf16", "device": "cuda"},
-        str(work / "out"),
-        batch_size=batch,
-        decode_threads=14,
-    )
+    result = {"model": f"{model['model']} (random weights), {model['precision']}, batch {batch}"}
+    for decoder in ("torchvision", "pil"):
+        embedder = ShardEmbedder(
+            dict(model, device=device), str(work / decoder), batch_size=batch, decode_threads=14, decoder=decoder
+        )
+        embedder.process(str(work / "00000.tar"))  # warm-up of the whole path
+        seconds = timed(lambda: embedder.process(str(work / "00000.tar")))
+        result[f"embed_path_{decoder}_decode_samples_per_s"] = round(n / seconds, 1)
     encoder = embedder.encoder
-    pixels = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    size = encoder.image_size if isinstance(encoder.image_size, int) else encoder.image_size[0]
+    pixels = torch.randn(batch, 3, size, size, device=device, dtype=encoder.dtype)
     texts = ["a small red circle at the top left on a gray background"] * batch
     encoder.encode_images(pixels), encoder.encode_texts(texts)  # warm-up
-    image_s = timed(lambda: encoder.model.encode_image(pixels), 10)
-    text_s = timed(lambda: encoder.model.encode_text(encoder.tokenizer(texts).cuda()), 10)
-    embedder.process(str(work / "00000.tar"))  # warm-up of the whole path
-    (work / "out" / "00000_record.json").unlink()
-    path_s = timed(lambda: embedder.process(str(work / "00000.tar")))
+    image_s = timed(lambda: encoder.encode_images(pixels), 3 if smoke else 10)
+    text_s = timed(lambda: encoder.encode_texts(texts), 3 if smoke else 10)
+    towers = batch / (image_s + text_s)  # samples/s of both towers back to back, nothing else
+    result.update(
+        bare_image_tower_images_per_s=round(batch / image_s, 1),
+        bare_text_tower_texts_per_s=round(batch / text_s, 1),
+        bare_towers_samples_per_s=round(towers, 1),
+        bare_image_share_of_bf16_peak=None  # ViT-L-14's FLOPs over the H200's peak: not the smoke run's
+        if smoke
+        else round(batch / image_s * VIT_L14_GFLOP / (H200_BF16_PEAK_TFLOPS * 1000), 3),
+        job_over_towers=round(result["embed_path_torchvision_decode_samples_per_s"] / towers, 3),
+    )
+    return result
 
-    # Decode on the CPU threads, resize + crop + normalise on the GPU.
-    from embeddings.tars import iter_tar_samples
 
-    samples = [s for s in iter_tar_samples(work / "00000.tar")]
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device="cuda").view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device="cuda").view(1, 3, 1, 1)
+def networks(smoke: bool) -> dict:
+    """{name: (build, per-GPU batch, inputs(net, batch))} of the full-size configs (toy sizes with `smoke`)."""
+    import yaml
 
-    def gpu_preprocess_run():
-        chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
-        decoded = embedder.pool.map(
-            lambda c: torch.from_numpy(np.stack([np.asarray(decode_image(s["image"])) for s in c])), chunks
+    from training.decoder_job import DECODER_JOB
+    from training.decoder_net import DecoderConfig, Upsampler, UpsamplerConfig, build_decoder
+    from training.prior_net import DiffusionPrior, PriorConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    read = lambda path: yaml.safe_load((root / path).read_text())  # noqa: E731
+    prior, decoder, upsampler = (
+        read("prior/laion-vit-l14.yaml"),
+        read("decoder/laion-64px.yaml"),
+        read("decoder/upsampler-laion-256.yaml"),
+    )
+    if smoke:
+        prior = {
+            "prior": {"dim": 32, "width": 32, "depth": 1, "heads": 2, "text_token_width": 32, "max_text_tokens": 8},
+            "batch_size": 2,
+        }
+        decoder = dict(
+            decoder,
+            decoder=dict(
+                decoder["decoder"],
+                dim=32,
+                text_token_width=32,
+                channels=[32, 32],
+                layers_per_block=1,
+                head_width=16,
+                context_width=32,
+                norm_groups=8,
+                image_size=8,
+            ),
+            batch_size=2,
         )
-        for chunk in decoded:
-            x = chunk.cuda(non_blocking=True).permute(0, 3, 1, 2).float() / 255
-            x = F.interpolate(x, size=224, mode="bicubic", antialias=True, align_corners=False)
-            with torch.no_grad():
-                encoder.model.encode_image(((x - mean) / std).to(torch.bfloat16))
-
-    gpu_pre_s = timed(gpu_preprocess_run)
-    bare_ips = batch / image_s
+        upsampler = dict(
+            upsampler,
+            upsampler=dict(upsampler["upsampler"], image_size=16, channels=[16, 16], layers_per_block=1, norm_groups=8),
+            train_crop=8,
+            batch_size=2,
+        )
+    crop = upsampler.get("train_crop", 0)
     return {
-        "model": "ViT-L-14 (random weights), bf16, 224 px, batch 256",
-        "bare_image_tower_images_per_s": round(bare_ips),
-        "bare_text_tower_texts_per_s": round(batch / text_s),
-        "bare_image_share_of_bf16_peak": round(bare_ips * VIT_L14_GFLOP / (H200_BF16_PEAK_TFLOPS * 1000), 3),
-        "embed_path_samples_per_s": round(n / path_s),
-        "embed_path_note": "ShardEmbedder.process: tar read, PIL decode in 14 threads, resize/crop/normalise on the GPU, image and text towers, parquet write",
-        "decode_cpu_preprocess_gpu_images_per_s": round(n / gpu_pre_s),
-        "decode_cpu_preprocess_gpu_share_of_peak": round(
-            n / gpu_pre_s * VIT_L14_GFLOP / (H200_BF16_PEAK_TFLOPS * 1000), 3
+        "prior": (
+            lambda: DiffusionPrior(PriorConfig(**prior["prior"])),
+            prior["batch_size"],
+            lambda n, b: n.example_inputs(b),
+        ),
+        "decoder": (
+            lambda: build_decoder(DecoderConfig(**decoder["decoder"])),
+            decoder.get("batch_size", DECODER_JOB.defaults["batch_size"]),
+            lambda n, b: n.example_inputs(b),
+        ),
+        "upsampler": (
+            lambda: Upsampler(UpsamplerConfig(**upsampler["upsampler"])),
+            upsampler["batch_size"],
+            lambda n, b: n.example_inputs(b, crop),
         ),
     }
 
 
-def prior_check(batch: int = 512, steps: int = 20) -> dict:
-    from training.conditioning import Caption, drop_caption
-    from training.diffusion import noise_schedule
-    from training.prior_net import DiffusionPrior, PriorConfig
+def train_check(build, batch: int, inputs, checkpointing: bool, steps: int, device: str) -> dict:
+    """A few bf16-autocast AdamW steps of one network: step time, samples/s, peak memory against the job's
+    estimate, and model FLOP utilisation."""
+    from training.memory import checkpoint_activations, estimate
 
+    figures = estimate(build, batch, "bf16-mixed", checkpointing, inputs, device_type=device)
     torch.manual_seed(0)
-    config = PriorConfig(dim=768, width=768, depth=12, heads=12, text_token_width=768, max_text_tokens=77)
-    net = DiffusionPrior(config).cuda()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
-    z_i = F.normalize(torch.randn(batch, 768, device="cuda"), dim=-1) * 768**0.5
-    z_t = F.normalize(torch.randn(batch, 768, device="cuda"), dim=-1)
-    tokens = torch.randn(batch, 77, 768, device="cuda")
-    empty = Caption(torch.zeros(1, 768, device="cuda"), torch.zeros(1, 77, 768, device="cuda"))  # stands in for ""
-    alphas = noise_schedule().alphas_cumprod.cuda()
+    net = build().to(device)
+    if checkpointing:
+        checkpoint_activations(net)
+    ema = [p.detach().clone() for p in net.parameters()]  # the job's EMA copy, as memory
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device == "cuda")
+    args = inputs(net, batch)
 
     def step():
-        t = torch.randint(0, 1000, (batch,), device="cuda")
-        a = alphas[t][:, None]
-        x_t = a.sqrt() * z_i + (1 - a).sqrt() * torch.randn_like(z_i)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            c = drop_caption(Caption(z_t, tokens), torch.rand(batch, device="cuda") < 0.1, empty)
-            loss = F.mse_loss(net(x_t, t, c.z_t, c.tokens).float(), z_i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = net(*args)
+        out.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
+    step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, steps)
-    params = sum(p.numel() for p in net.parameters())
+    samples = batch / seconds
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    del ema
     return {
-        "prior": "width 768, depth 12, heads 12, 77 text tokens, bf16 autocast, AdamW (fused)",
         "batch": batch,
-        "parameters_millions": round(params / 1e6, 1),
-        "train_samples_per_s": round(batch / seconds),
-        "steps_per_s": round(1 / seconds, 2),
+        "gradient_checkpointing": checkpointing,
+        "parameters_millions": round(figures["parameters"] / 1e6, 1),
+        "step_s": round(seconds, 4),
+        "samples_per_s": round(samples, 1),
+        "peak_memory_gb": None if peak is None else round(peak, 2),
+        "estimated_memory_gb": figures["memory_gb"]["total"],
+        "flops_per_sample": figures["flops_per_sample"],
+        "model_flop_utilisation": float(
+            f"{samples * figures['flops_per_sample'] / (H200_BF16_PEAK_TFLOPS * 1e12):.3g}"
+        ),
     }
 
 
 def main() -> None:
     out = Path(sys.argv[1])
+    smoke = "--smoke" in sys.argv[2:]
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, check in (("prior", prior_check), ("embed", lambda: embed_checks(Path(tempfile.mkdtemp())))):
+    device = "cpu" if smoke else "cuda"
+    result = {"device": "cpu (smoke)" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__}
+    checks = {"embed": lambda: embed_checks(Path(tempfile.mkdtemp()), smoke)}
+    for name, (build, batch, inputs) in networks(smoke).items():
+        for checkpointing in (False, True):
+            label = f"{name}{'_checkpointed' if checkpointing else ''}"
+            checks[label] = lambda b=build, n=batch, i=inputs, c=checkpointing: train_check(
+                b, n, i, c, 1 if smoke else 10, device
+            )
+    for name, check in checks.items():
         try:
             result[name] = check()
         except Exception as err:  # noqa: BLE001 (report and go on to the next check)
             import traceback
 
             result[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
+        if device == "cuda":
+            torch.cuda.empty_cache()
         print(json.dumps({name: result[name]}, indent=1), flush=True)
-    print(json.dumps(result, indent=1))
     (out / "gpu_checks.json").write_text(json.dumps(result, indent=1) + "\n")
 
 

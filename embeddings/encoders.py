@@ -112,7 +112,12 @@ class ClipEncoder:
 
     def preprocess_on_device(self, images: list) -> torch.Tensor:
         """open_clip's eval transform (shorter side → size, bicubic; centre crop; normalise) run on the
-        encoder's device for (H, W, 3) uint8 arrays: on a GPU node the CPUs then only decode."""
+        encoder's device for (H, W, 3) uint8 arrays or (3, H, W) uint8 tensors (torchvision's decoder's, which
+        may already be on the device): on a GPU node the CPUs then only decode, or only read."""
+        images = [
+            torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1) if isinstance(i, np.ndarray) else i
+            for i in images
+        ]
         size = self.image_size if isinstance(self.image_size, int) else self.image_size[0]
         normalize = self.preprocess.transforms[-1]
         mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
@@ -121,8 +126,8 @@ class ClipEncoder:
         by_shape: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
             by_shape.setdefault(image.shape, []).append(i)
-        for (h, w, _), rows in by_shape.items():  # one resize per distinct input size
-            x = torch.from_numpy(np.stack([images[i] for i in rows])).to(self.device).permute(0, 3, 1, 2).float() / 255
+        for (_, h, w), rows in by_shape.items():  # one resize per distinct input size
+            x = torch.stack([images[i].to(self.device) for i in rows]).float() / 255
             scale = size / min(h, w)
             new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
             if (new_h, new_w) != (h, w):

@@ -56,11 +56,20 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+DECODERS = ("auto", "torchvision", "pil")
+
+
 class ShardEmbedder:
     """Embeds whole shards with one loaded encoder; the body of each Ray actor."""
 
     def __init__(
-        self, spec: dict, output_dir: str, dtype: str = "float16", batch_size: int = 256, decode_threads: int = 4
+        self,
+        spec: dict,
+        output_dir: str,
+        dtype: str = "float16",
+        batch_size: int = 256,
+        decode_threads: int = 4,
+        decoder: str = "auto",
     ):
         import torch
 
@@ -70,6 +79,8 @@ class ShardEmbedder:
         self.output_dir = storage.as_path(output_dir)
         self.dtype, self.batch_size = dtype, batch_size
         self.pool = ThreadPoolExecutor(decode_threads)
+        on_gpu = torch.device(self.encoder.device).type == "cuda"
+        self.decode_on_device = decoder == "torchvision" or (decoder == "auto" and on_gpu)
 
     def info(self) -> dict:
         return self.encoder.info
@@ -86,6 +97,33 @@ class ShardEmbedder:
                 return np.asarray(image), None
         except Exception as err:  # noqa: BLE001 (any decoding failure is a counted skip)
             return None, f"image decode error: {type(err).__name__}"
+
+    def _decode_on_device(self, batch: list[dict]) -> tuple[list, int]:
+        """A batch's JPEGs decoded by torchvision on the encoder's device (nvJPEG on a GPU), all in one call; an
+        image that is not a JPEG, or that this decoder refuses, goes to PIL (`_decode`). Returns each sample's
+        (pixels, reason) and how many went to PIL."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        results: list = [None] * len(batch)
+        jpegs = [i for i, s in enumerate(batch) if s["image"] is not None and s["image"][:3] == b"\xff\xd8\xff"]
+        data = [torch.frombuffer(bytearray(batch[i]["image"]), dtype=torch.uint8) for i in jpegs]
+        device = self.encoder.device
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
+        except RuntimeError:  # one image the decoder refuses fails the call: one by one then
+            images = []
+            for one in data:
+                try:
+                    images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    images.append(None)
+        for i, image in zip(jpegs, images):
+            results[i] = (image, None) if image is not None else None
+        to_pil = [i for i, r in enumerate(results) if r is None]
+        for i in to_pil:
+            results[i] = self._decode(batch[i])
+        return results, sum(batch[i]["image"] is not None for i in to_pil)
 
     def process(self, tar_path: str) -> dict:
         """Embed one tar into NNNNN.parquet + NNNNN_record.json; returns the record. A tar that cannot be
@@ -104,8 +142,13 @@ class ShardEmbedder:
         skipped: Counter = Counter()
         keys, captions, image_vectors, text_vectors, norms = [], [], [], [], []
         batches = [samples[i : i + self.batch_size] for i in range(0, len(samples), self.batch_size)]
-        decoded = self.pool.map(lambda batch: [self._decode(s) for s in batch], batches)  # decodes ahead
-        for batch, results in zip(batches, decoded):
+        to_pil = 0
+        if self.decode_on_device:
+            decoded = (self._decode_on_device(batch) for batch in batches)
+        else:
+            decoded = ((r, 0) for r in self.pool.map(lambda batch: [self._decode(s) for s in batch], batches))
+        for batch, (results, fallbacks) in zip(batches, decoded):
+            to_pil += fallbacks
             good = [(s, pixels) for s, (pixels, reason) in zip(batch, results) if pixels is not None]
             skipped.update(reason for _, reason in results if reason is not None)
             if not good:
@@ -143,6 +186,8 @@ class ShardEmbedder:
             "seconds": round(time.time() - start, 2),
             "node": _node_id(),
         }
+        if self.decode_on_device:  # how many images its decoder left to PIL (not JPEGs, or refused)
+            record["decoded_by_pil"] = to_pil
         store.write_shard(self.output_dir, name, table, record)
         return record
 
@@ -237,12 +282,19 @@ def embed(
     num_actors: int | None = None,
     cpus_per_actor: float | None = None,
     decode_threads: int = 4,
+    decoder: str = "auto",
 ) -> dict:
     """Embed every finished tar of `shards_dir` into `output_dir`; returns the manifest.
 
     `encoder` holds EncoderSpec fields (model, weights, pretrained, precision, device). On a cluster
-    with GPUs there is one actor per GPU; otherwise one per node (see start_actors).
+    with GPUs there is one actor per GPU; otherwise one per node (see start_actors). `decoder`: 'auto'
+    decodes JPEGs with torchvision on the GPU where the encoder runs on one (the CPUs then only read the
+    tars) and with PIL in `decode_threads` threads elsewhere; 'torchvision' or 'pil' forces either
+    (torchvision on a CPU encoder decodes on the CPU). Images torchvision cannot decode go to PIL, counted
+    in each record as `decoded_by_pil`.
     """
+    if decoder not in DECODERS:
+        raise ConfigError(f"embed: decoder {decoder!r}: use one of {', '.join(DECODERS)}")
     import ray
 
     if dtype not in ("float16", "float32"):
@@ -266,7 +318,7 @@ def embed(
     with ray_session():
         actors = start_actors(
             ShardEmbedder,
-            (spec, str(output_dir), dtype, batch_size, decode_threads),
+            (spec, str(output_dir), dtype, batch_size, decode_threads, decoder),
             num_actors,
             cpus_per_actor,
             len(todo),

@@ -354,6 +354,7 @@ def test_decoder_trains_and_exports_on_two_ray_train_workers(tiny_embed, tmp_pat
     _two_process_decoder(tiny_embed, tmp_path, launcher="ray")
 
 
+@pytest.mark.slow  # two two-process runs (~75 s); the prior's fsdp2 test runs in make test
 def test_the_decoder_sharded_with_fsdp2_trains_as_ddp_does(tiny_embed, tmp_path):
     """Two CPU processes, DDP and then fsdp2 (the UNet's blocks and the EMA copy sharded; the grids drawn by every
     rank): both export after the final validation, with the same EMA weights and val loss (fp32)."""
@@ -364,8 +365,10 @@ def test_the_decoder_sharded_with_fsdp2_trains_as_ddp_does(tiny_embed, tmp_path)
     assert sharded["metrics"]["val_loss"] == pytest.approx(ddp["metrics"]["val_loss"], rel=1e-4)
     weights = [load_file(tmp_path / run / "models/tiny/decoder/decoder.safetensors") for run in ("ddp", "fsdp2")]
     assert weights[0].keys() == weights[1].keys()
-    for key in weights[0]:
-        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6, msg=key)
+    # fp32 sums in another order, through 6 AdamW steps (which scale small gradients up): equal to well within
+    # one step's size (lr 1e-3), where an unsynchronised or unsharded-wrong run would differ by steps
+    deviation = max(float((weights[1][k] - weights[0][k]).abs().max()) for k in weights[0])
+    assert deviation < 1e-4, deviation
 
 
 def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():

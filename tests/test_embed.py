@@ -145,6 +145,53 @@ def test_corrupt_image_in_a_tar_is_skipped_and_counted(tiny_embed, tmp_path):
     )
 
 
+def test_torchvision_decoding_embeds_what_pil_does_and_hands_it_what_it_cannot_read(tiny_embed, tmp_path):
+    """decoder torchvision (the GPU path, here on the CPU): the same keys and vectors as PIL's (the two JPEG
+    decoders differ by a grey level or so); in a tar with a PNG and a corrupt JPEG, the PNG is decoded by PIL and
+    counted, the corrupt one skipped with PIL's reason, as the default path skips it."""
+    from PIL import Image
+
+    config, _ = tiny_embed
+    model = {"model": config.embed["encoder"]["model"]}
+    embed(config.layout.shards, tmp_path / "tv", encoder=model, decoder="torchvision")
+    reference, decoded = vectors_by_key(config.layout.embeddings), vectors_by_key(tmp_path / "tv")
+    assert decoded.keys() == reference.keys()
+    cosines = [
+        float(reference[k] @ decoded[k]) / float(np.linalg.norm(reference[k]) * np.linalg.norm(decoded[k]))
+        for k in reference
+    ]
+    assert min(cosines) > 0.99
+    source = sorted(config.layout.shards.glob("*.tar"))[0]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    changed = {}
+    with tarfile.open(source) as tar_in, tarfile.open(shards / source.name, "w") as tar_out:
+        for member in tar_in:
+            data = tar_in.extractfile(member).read()
+            if member.name.endswith(".jpg") and len(changed) < 2:
+                key = member.name.rsplit(".", 1)[0]
+                if not changed:  # a PNG under the .jpg name, as a hand-made tar may hold
+                    buffer = io.BytesIO()
+                    Image.open(io.BytesIO(data)).save(buffer, format="PNG")
+                    changed[key], data = "png", buffer.getvalue()
+                else:  # a JPEG's header, then nothing a decoder can read
+                    changed[key], data = "corrupt", data[:64] + b"\x00" * 64
+            member.size = len(data)
+            tar_out.addfile(member, io.BytesIO(data))
+    records = {}
+    for decoder in ("torchvision", "pil"):
+        manifest = embed(shards, tmp_path / f"odd-{decoder}", encoder=model, decoder=decoder)
+        records[decoder] = manifest["records"][source.stem]
+    assert records["torchvision"]["decoded_by_pil"] == 2  # the PNG, and the corrupt one PIL then refused too
+    assert "decoded_by_pil" not in records["pil"]
+    assert (
+        records["torchvision"]["skipped"] == records["pil"]["skipped"] and sum(records["pil"]["skipped"].values()) == 1
+    )
+    keys = store.read_table(tmp_path / "odd-torchvision", columns=["key"]).column("key").to_pylist()
+    kind_of = {kind: key for key, kind in changed.items()}
+    assert kind_of["png"] in keys and kind_of["corrupt"] not in keys
+
+
 def test_manifest_dim_that_disagrees_with_the_model_is_an_error(tiny_embed, tmp_path):
     config, manifest = tiny_embed
     encoder = dict(manifest["encoder"], dim=64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -162,3 +164,23 @@ def test_a_dry_run_of_the_decoder_follows_batch_and_checkpointing(tmp_path):
     assert checkpointed["memory_gb"]["activations"] < 0.8 * half["memory_gb"]["activations"]  # both at batch 64
     assert whole["flops_per_sample"] == pytest.approx(half["flops_per_sample"])
     assert (tmp_path / "train-decoder-cc3m" / "estimate.json").is_file()
+
+
+def test_the_gpu_checks_script_runs_every_check_on_its_cpu_path(tmp_path):
+    """bench/gpu_checks.py --smoke: the embed path (both decoders) and the three networks' training checks, with
+    and without checkpointing, at toy sizes on the CPU; every check reports, none fails."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_checks.py"), str(tmp_path), "--smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_checks.json").read_text())
+    names = ["prior", "decoder", "upsampler"]
+    assert set(report) >= {"embed", *names, *(f"{n}_checkpointed" for n in names)}
+    assert not [name for name, figures in report.items() if isinstance(figures, dict) and "error" in figures]
+    assert report["embed"]["embed_path_torchvision_decode_samples_per_s"] > 0 and report["embed"]["job_over_towers"] > 0
+    for name in names:
+        assert report[name]["samples_per_s"] > 0 and 0 < report[name]["model_flop_utilisation"] < 1
