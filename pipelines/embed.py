@@ -99,9 +99,9 @@ class ShardEmbedder:
             return None, f"image decode error: {type(err).__name__}"
 
     def _decode_on_device(self, batch: list[dict]) -> tuple[list, int]:
-        """A batch's JPEGs decoded by torchvision on the encoder's device (nvJPEG on a GPU), all in one call; an
-        image that is not a JPEG, or that this decoder refuses, goes to PIL (`_decode`). Returns each sample's
-        (pixels, reason) and how many went to PIL."""
+        """A batch's JPEGs decoded by torchvision on the encoder's device (nvJPEG on a GPU) in one call; an image
+        that is not a JPEG, or that this decoder refuses, goes to PIL (`_decode`, in the decode threads).
+        Returns each sample's (pixels, reason) and how many went to PIL."""
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -109,20 +109,22 @@ class ShardEmbedder:
         jpegs = [i for i, s in enumerate(batch) if s["image"] is not None and s["image"][:3] == b"\xff\xd8\xff"]
         data = [torch.frombuffer(bytearray(batch[i]["image"]), dtype=torch.uint8) for i in jpegs]
         device = self.encoder.device
-        try:
-            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
-        except RuntimeError:  # one image the decoder refuses fails the call: one by one then
-            images = []
-            for one in data:
-                try:
-                    images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    images.append(None)
-        for i, image in zip(jpegs, images):
+
+        def decode(part: list) -> list:
+            """One call for the part; where one image fails the call, each half again (a few bad images cost a
+            few calls more, not one call per image)."""
+            try:
+                return decode_jpeg(part, mode=ImageReadMode.RGB, device=device) if part else []
+            except RuntimeError:
+                if len(part) == 1:
+                    return [None]
+                return decode(part[: len(part) // 2]) + decode(part[len(part) // 2 :])
+
+        for i, image in zip(jpegs, decode(data)):
             results[i] = (image, None) if image is not None else None
         to_pil = [i for i, r in enumerate(results) if r is None]
-        for i in to_pil:
-            results[i] = self._decode(batch[i])
+        for i, result in zip(to_pil, self.pool.map(lambda i: self._decode(batch[i]), to_pil)):
+            results[i] = result
         return results, sum(batch[i]["image"] is not None for i in to_pil)
 
     def process(self, tar_path: str) -> dict:

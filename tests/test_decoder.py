@@ -354,7 +354,6 @@ def test_decoder_trains_and_exports_on_two_ray_train_workers(tiny_embed, tmp_pat
     _two_process_decoder(tiny_embed, tmp_path, launcher="ray")
 
 
-@pytest.mark.slow  # two two-process runs (~75 s); the prior's fsdp2 test runs in make test
 def test_the_decoder_sharded_with_fsdp2_trains_as_ddp_does(tiny_embed, tmp_path):
     """Two CPU processes, DDP and then fsdp2 (the UNet's blocks and the EMA copy sharded; the grids drawn by every
     rank): both export after the final validation, with the same EMA weights and val loss (fp32)."""

@@ -164,6 +164,10 @@ def test_a_dry_run_of_the_decoder_follows_batch_and_checkpointing(tmp_path):
     assert checkpointed["memory_gb"]["activations"] < 0.8 * half["memory_gb"]["activations"]  # both at batch 64
     assert whole["flops_per_sample"] == pytest.approx(half["flops_per_sample"])
     assert (tmp_path / "train-decoder-cc3m" / "estimate.json").is_file()
+    sharded = dry("strategy=fsdp2", "devices=8")  # the model state divided over 8 ranks, the activations not
+    assert sharded["sharded_over"] == 8
+    assert sharded["memory_gb"]["optimizer"] == pytest.approx(half["memory_gb"]["optimizer"] / 8, rel=1e-3)
+    assert sharded["memory_gb"]["activations"] == half["memory_gb"]["activations"]
 
 
 def test_the_gpu_checks_script_runs_every_check_on_its_cpu_path(tmp_path):
@@ -182,5 +186,8 @@ def test_the_gpu_checks_script_runs_every_check_on_its_cpu_path(tmp_path):
     assert set(report) >= {"embed", *names, *(f"{n}_checkpointed" for n in names)}
     assert not [name for name, figures in report.items() if isinstance(figures, dict) and "error" in figures]
     assert report["embed"]["embed_path_torchvision_decode_samples_per_s"] > 0 and report["embed"]["job_over_towers"] > 0
+    odd = report["embed"]["odd_jpegs"]  # greyscale, CMYK, progressive, plain and a truncated JPEG
+    assert odd["embedded_by"]["torchvision"] == odd["embedded_by"]["pil"] == ["cmyk", "grey", "plain", "progressive"]
+    assert odd["skipped"]["torchvision"] == odd["skipped"]["pil"] and odd["min_cosine_torchvision_vs_pil"] > 0.99
     for name in names:
         assert report[name]["samples_per_s"] > 0 and 0 < report[name]["model_flop_utilisation"] < 1

@@ -27,7 +27,7 @@ from training.decoder_net import (
     decoder_example_inputs,
 )
 from training.export import save_export
-from training.memory import announce, dry_run_sizes, estimate, planned_numerics
+from training.memory import announce, dry_run_sizes, estimate, planned_numerics, planned_shards
 from training.published import checked_decoder_sizes, upsampler_sizes
 from training.samplers import DecoderSampling, UpsamplerSampling
 from training.settings import ExportRun, JobSpec, check_dim, clip_record
@@ -76,6 +76,7 @@ def image_estimate(kind: str, sizes: dict, parts: dict, tokens: int = CAPTION_TO
         trainer["gradient_checkpointing"],
         inputs,
         device_type=device_type,
+        shards=planned_shards(trainer),
     )
 
 

@@ -165,6 +165,7 @@ def estimate(
     inputs=None,
     device_type: str = "cuda",
     ema: bool = True,
+    shards: int = 1,
 ) -> dict:
     """Memory per device (GB) and FLOPs per sample of training the network `build()` makes, at `batch` rows per
     device and `precision` ('32-true', 'bf16-mixed', '16-mixed'), built on the meta device (no memory, no data):
@@ -172,7 +173,8 @@ def estimate(
     the activations autograd saves for the backward pass (counted on `inputs(net, batch)`, default the network's
     `example_inputs(batch)`; with `checkpointing`, as checkpointing keeps them; mixed precision as autocast on
     `device_type` casts, TrainingOnMeta). FLOPs: forward and backward of one sample, counted by
-    torch.utils.flop_counter (without checkpointing's recomputation)."""
+    torch.utils.flop_counter (without checkpointing's recomputation). `shards`: the ranks fsdp2 divides the
+    weights, gradients, optimizer state and EMA over (the whole layer being gathered is not counted)."""
     with torch.device("meta"):
         net = build()
     trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -183,8 +185,8 @@ def estimate(
         checkpoint_activations(net)
     activations = _activation_bytes(net, make_inputs(net, batch), precision, device_type)
     gb = 2.0**-30
-    parts = {name: trained * size * gb for name, size in BYTES_PER_TRAINED_PARAMETER.items()}
-    parts["ema"] = everything * 4 * gb if ema else 0.0  # the diffusion trainers keep an EMA copy, CLIP's not
+    parts = {name: trained * size * gb / shards for name, size in BYTES_PER_TRAINED_PARAMETER.items()}
+    parts["ema"] = everything * 4 * gb / shards if ema else 0.0  # the diffusion trainers keep an EMA copy, CLIP's not
     parts["activations"] = activations * gb
     return {
         "parameters": everything,
@@ -192,6 +194,7 @@ def estimate(
         "batch_per_device": batch,
         "precision": precision,
         "gradient_checkpointing": checkpointing,
+        "sharded_over": shards,
         "autocast_as_on": device_type if precision.endswith("mixed") else None,
         "memory_gb": {**{k: round(v, 4) for k, v in parts.items()}, "total": round(sum(parts.values()), 4)},
         "flops_per_sample": flops / batch,
@@ -201,10 +204,11 @@ def estimate(
 def report(figures: dict) -> str:
     """The estimate as a few printed lines."""
     m = figures["memory_gb"]
+    sharded = f", sharded over {figures['sharded_over']} ranks" if figures["sharded_over"] > 1 else ""
     return (
         f"estimate per device: {figures['parameters'] / 1e6:.1f} M parameters "
         f"({figures['trained_parameters'] / 1e6:.1f} M trained), batch {figures['batch_per_device']}, "
-        f"{figures['precision']}{', gradient checkpointing' if figures['gradient_checkpointing'] else ''}\n"
+        f"{figures['precision']}{', gradient checkpointing' if figures['gradient_checkpointing'] else ''}{sharded}\n"
         f"  memory {m['total']:.2f} GB = weights {m['weights']:.2f} + gradients {m['gradients']:.2f} + AdamW "
         f"{m['optimizer']:.2f} + EMA {m['ema']:.2f} + activations {m['activations']:.2f}\n"
         f"  {figures['flops_per_sample'] / 1e9:.3g} GFLOP per sample (forward and backward)"
@@ -247,6 +251,13 @@ def dry_run_sizes(kind: str, sizes: dict, text_tokens: str, defaults: dict) -> d
     if text_tokens == "clip" and "text_token_width" in defaults and not sizes.get("text_token_width"):
         sizes["text_token_width"] = sizes["dim"]
     return sizes
+
+
+def planned_shards(trainer: dict) -> int:
+    """The ranks `strategy: fsdp2` shards the model state over (1 for any other strategy)."""
+    if trainer["strategy"] != "fsdp2" or not isinstance(trainer["devices"], int):
+        return 1
+    return max(1, trainer["devices"] * trainer["num_nodes"])
 
 
 def planned_numerics(trainer: dict, dry_run: bool) -> tuple[str, str]:

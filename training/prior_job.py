@@ -17,7 +17,7 @@ from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
 from training.data import embedding_shards, require_norm_columns, view_keys
 from training.export import save_export
-from training.memory import announce, dry_run_sizes, estimate, planned_numerics
+from training.memory import announce, dry_run_sizes, estimate, planned_numerics, planned_shards
 from training.prior import PriorDataModule, PriorModule, raw_statistics, to_batch
 from training.prior_net import DiffusionPrior, PriorConfig
 from training.published import checked_prior_sizes, statistics_fit
@@ -59,6 +59,7 @@ def prior_estimate(sizes: dict, parts: dict, dry_run: bool = False) -> dict:
         precision,
         parts["trainer"]["gradient_checkpointing"],
         device_type=device_type,
+        shards=planned_shards(parts["trainer"]),
     )
 
 

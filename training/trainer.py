@@ -109,12 +109,13 @@ def check_accumulation(batches) -> int:
 
 def fsdp2_strategy(launcher: str, devices: int | str, num_nodes: int):
     """`strategy: fsdp2`: FSDP2 (fully_shard) over every rank through Lightning's ModelParallelStrategy, with
-    checkpoints gathered whole on rank 0 (one file, which a DDP run or another world size can resume)."""
+    checkpoints gathered whole on rank 0 (one file of whole tensors; the data position in it counts batches per
+    rank, so a mid-epoch resume needs the same world size)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    if launcher != "lightning" or not isinstance(devices, int):
+    if launcher != "lightning" or not isinstance(devices, int) or devices < 1:
         raise ConfigError(
-            "strategy fsdp2 needs launcher lightning (torchrun and SLURM included) and devices as a number"
+            "strategy fsdp2 needs launcher lightning (torchrun and SLURM included) and devices as a number ≥ 1"
         )
     return ModelParallelStrategy(
         data_parallel_size=devices * num_nodes, tensor_parallel_size=1, save_distributed_checkpoint=False
