@@ -341,13 +341,16 @@ class DiffusionModule(StreamingModule):
         self.sharded = True
 
     def unshard_ema(self) -> None:
-        """After sharded training, on every rank (it gathers): the EMA copy as one whole network again, which
-        evaluation, sampling and export read."""
+        """After sharded training, called on every rank (it gathers): on rank 0, the EMA copy as one whole network
+        again, which its evaluation, sampling and export read; the other ranks keep their shards."""
         if not self.sharded:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0's CPU alone
+        state = get_model_state_dict(self.ema, options=options)
+        if self.global_rank != 0:
+            return
         whole = self.net_class(self.config)
         whole.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
         self.ema = whole.requires_grad_(False).to(self.device)
