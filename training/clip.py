@@ -24,7 +24,7 @@ from embeddings.encoders import save_clip_folder
 from embeddings.tars import iter_tar_samples
 from training.clip_eval import evaluate_clip
 from training.data import decode_image, read_tar_range, tar_shards, view_keys
-from training.memory import announce, estimate, planned_numerics
+from training.memory import announce, job_estimate
 from training.settings import JobSpec, Run
 from training.trainer import (
     StreamingDataModule,
@@ -233,16 +233,8 @@ def clip_example_inputs(model: dict, batch: int, device: torch.device | str = "c
 def clip_estimate(parts: dict, dry_run: bool = False) -> dict:
     """The memory and FLOP estimate of training the config's CLIP (training/memory.py; no EMA copy)."""
     model = parts["module"]["model"]
-    precision, device_type = planned_numerics(parts["trainer"], dry_run)
-    return estimate(
-        lambda: open_clip.model.CLIP(**model),
-        parts["data"]["batch_size"],
-        precision,
-        parts["trainer"]["gradient_checkpointing"],
-        lambda net, batch: clip_example_inputs(model, batch, net.logit_scale.device),
-        device_type=device_type,
-        ema=False,
-    )
+    inputs = lambda net, batch: clip_example_inputs(model, batch, net.logit_scale.device)
+    return job_estimate(lambda: open_clip.model.CLIP(**model), parts, dry_run, inputs, ema=False)
 
 
 def train_clip(**settings) -> dict:

@@ -27,7 +27,7 @@ from training.decoder_net import (
     decoder_example_inputs,
 )
 from training.export import save_export
-from training.memory import announce, dry_run_sizes, estimate, planned_numerics, planned_shards
+from training.memory import announce, dry_run_sizes, job_estimate
 from training.published import checked_decoder_sizes, upsampler_sizes
 from training.samplers import DecoderSampling, UpsamplerSampling
 from training.settings import ExportRun, JobSpec, check_dim, clip_record
@@ -59,7 +59,7 @@ def load_upsampler_config(path: str | Path, overrides: list[str] | None = None) 
 def image_estimate(kind: str, sizes: dict, parts: dict, tokens: int = CAPTION_TOKENS, dry_run: bool = False) -> dict:
     """The memory and FLOP estimate of training a decoder or upsampler of `sizes` with a job's settings: a decoder
     reading `tokens` caption tokens, an upsampler on its training crops (training/memory.py)."""
-    trainer, crop = parts["trainer"], parts["module"].get("train_crop", 0)
+    crop = parts["module"].get("train_crop", 0)
     if kind == "decoder":
         build, config = (lambda: build_decoder(DecoderConfig(**sizes))), DecoderConfig(**sizes)
         inputs = lambda net, batch: decoder_example_inputs(config, batch, next(net.parameters()).device, tokens)
@@ -68,16 +68,7 @@ def image_estimate(kind: str, sizes: dict, parts: dict, tokens: int = CAPTION_TO
             (lambda: Upsampler(UpsamplerConfig(**sizes))),
             (lambda net, batch: net.example_inputs(batch, crop)),
         )
-    precision, device_type = planned_numerics(trainer, dry_run)
-    return estimate(
-        build,
-        parts["data"]["batch_size"],
-        precision,
-        trainer["gradient_checkpointing"],
-        inputs,
-        device_type=device_type,
-        shards=planned_shards(trainer),
-    )
+    return job_estimate(build, parts, dry_run, inputs)
 
 
 def _dry_run(kind: str, run: ExportRun, parts: dict, sizes: dict) -> dict:

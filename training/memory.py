@@ -255,7 +255,7 @@ def dry_run_sizes(kind: str, sizes: dict, text_tokens: str, defaults: dict) -> d
 
 def planned_shards(trainer: dict) -> int:
     """The ranks `strategy: fsdp2` shards the model state over (1 for any other strategy)."""
-    if trainer["strategy"] != "fsdp2" or not isinstance(trainer["devices"], int):
+    if trainer.get("strategy") != "fsdp2" or not isinstance(trainer["devices"], int):  # train-clip has none
         return 1
     return max(1, trainer["devices"] * trainer["num_nodes"])
 
@@ -268,6 +268,23 @@ def planned_numerics(trainer: dict, dry_run: bool) -> tuple[str, str]:
 
     accelerator = "gpu" if dry_run and trainer["accelerator"] != "cpu" else trainer["accelerator"]
     return resolve_precision(trainer["precision"], accelerator), "cuda" if on_gpu(accelerator) else "cpu"
+
+
+def job_estimate(build, parts: dict, dry_run: bool = False, inputs=None, ema: bool = True) -> dict:
+    """`estimate` with a training job's settings (`parts`, JobSpec.split's): its batch, checkpointing, the
+    precision and autocast device it plans (`planned_numerics`) and the ranks fsdp2 shards over."""
+    trainer = parts["trainer"]
+    precision, device_type = planned_numerics(trainer, dry_run)
+    return estimate(
+        build,
+        parts["data"]["batch_size"],
+        precision,
+        trainer["gradient_checkpointing"],
+        inputs,
+        device_type=device_type,
+        ema=ema,
+        shards=planned_shards(trainer),
+    )
 
 
 def announce(run_dir: Path, figures: dict) -> dict:

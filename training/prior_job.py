@@ -17,7 +17,7 @@ from embeddings.config import ConfigError
 from training.conditioning import fit_text_tokens, load_clip
 from training.data import embedding_shards, require_norm_columns, view_keys
 from training.export import save_export
-from training.memory import announce, dry_run_sizes, estimate, planned_numerics, planned_shards
+from training.memory import announce, dry_run_sizes, job_estimate
 from training.prior import PriorDataModule, PriorModule, raw_statistics, to_batch
 from training.prior_net import DiffusionPrior, PriorConfig
 from training.published import checked_prior_sizes, statistics_fit
@@ -52,15 +52,7 @@ def report_statistics(net, rows: list[dict]) -> None:
 
 def prior_estimate(sizes: dict, parts: dict, dry_run: bool = False) -> dict:
     """The memory and FLOP estimate of training a prior of `sizes` with a job's settings (training/memory.py)."""
-    precision, device_type = planned_numerics(parts["trainer"], dry_run)
-    return estimate(
-        lambda: DiffusionPrior(PriorConfig(**sizes)),
-        parts["data"]["batch_size"],
-        precision,
-        parts["trainer"]["gradient_checkpointing"],
-        device_type=device_type,
-        shards=planned_shards(parts["trainer"]),
-    )
+    return job_estimate(lambda: DiffusionPrior(PriorConfig(**sizes)), parts, dry_run)
 
 
 def train_prior(**settings) -> dict:
