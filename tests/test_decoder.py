@@ -530,6 +530,58 @@ def test_a_learned_variance_needs_the_karlo_layout_and_an_unclip_scheduler_predi
         DecoderModule(dict(sizes, layout="karlo", learned_variance=True, text_token_width=32), {}, text_tokens="clip")
 
 
+def test_the_learned_variance_loss_charges_values_outside_their_range(tiny_clip_dir, monkeypatch):
+    """The decoder's hybrid loss adds variance_range_penalty: with the variance values shifted out of [-1, 1], the
+    loss is the one without the penalty plus the penalty's mean, to the float (an x_0 decoder's values drift out
+    of range without it, and UnCLIPScheduler, which clamps nothing, then samples speckle); values in range cost
+    nothing more."""
+    from training import decoder as decoder_module
+    from training.conditioning import load_clip
+    from training.decoder import DecoderModule
+    from training.diffusion import variance_range_penalty
+
+    clip = {"model": str(tiny_clip_dir), "checksum": load_clip({"model": str(tiny_clip_dir)}).checksum}
+    sizes = dict(image_size=8, dim=32, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8)
+    module = DecoderModule(
+        dict(sizes, norm_groups=4, layout="karlo", learned_variance=True, text_token_width=32),
+        clip,
+        text_tokens="clip",
+        prediction_type="sample",
+    )
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1,
+        "z_i": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
+        "z_t": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
+        "caption": ["a red circle", "a blue square", "a star", "a green ring"],
+    }
+
+    def loss_with_values_shifted_by(shift):
+        """The loss, and the variance values the loss saw, with the network's values moved by `shift`."""
+        seen = []
+
+        def shifted(net, inputs, output):
+            prediction, values = output.chunk(2, dim=1)
+            seen.append(values + shift)
+            return torch.cat([prediction, seen[-1]], dim=1)
+
+        hook = module.net.register_forward_hook(shifted)
+        with torch.no_grad():
+            loss = module.loss(batch, torch.Generator().manual_seed(1), module.net)
+        hook.remove()
+        return loss, seen[-1]
+
+    loss_in, values_in = loss_with_values_shifted_by(0.0)
+    loss_out, values_out = loss_with_values_shifted_by(3.0)
+    extra = variance_range_penalty(values_out).mean()
+    assert variance_range_penalty(values_in).max() == 0 and extra > 1  # a fresh network's values start in range
+    monkeypatch.setattr(decoder_module, "variance_range_penalty", lambda values: values.new_zeros(len(values)))
+    unpenalised_in, _ = loss_with_values_shifted_by(0.0)
+    unpenalised_out, _ = loss_with_values_shifted_by(3.0)
+    torch.testing.assert_close(loss_in, unpenalised_in)
+    torch.testing.assert_close(loss_out, unpenalised_out + extra)
+
+
 def test_an_upsampler_fine_tunes_from_a_karlo_folder_and_exports(tiny_embed, tmp_path):
     """make train-upsampler with init_from Karlo's layout (a tiny random-weight pipeline saved by diffusers): the
     sizes come from its super_res_first, a few ε steps train, the export loads and samples."""

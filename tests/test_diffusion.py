@@ -356,6 +356,22 @@ def test_the_variational_bound_term_is_zero_for_the_true_reverse_step_and_trains
         torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
 
 
+def test_the_variance_range_penalty_is_zero_inside_the_range_and_pulls_values_back_into_it():
+    """variance_range_penalty: nothing for values in [-1, 1] (where UnCLIPScheduler's interpolation is defined),
+    the mean squared excess outside, per row, and a gradient that points back towards the range."""
+    from training.diffusion import variance_range_penalty
+
+    inside = torch.tensor([[-1.0, -0.3, 0.0, 1.0]]).view(1, 4, 1, 1)
+    assert variance_range_penalty(inside).item() == 0
+    values = torch.tensor([[-3.0, 0.5, 2.0, 1.5], [0.0, 0.0, 0.0, 0.0]]).view(2, 4, 1, 1).requires_grad_()
+    penalty = variance_range_penalty(values)
+    torch.testing.assert_close(penalty, torch.tensor([(4 + 0 + 1 + 0.25) / 4, 0.0]))
+    penalty.sum().backward()
+    grad = values.grad.view(2, 4)
+    assert grad[0, 0] < 0 and grad[0, 1] == 0 and grad[0, 2] > 0 and grad[0, 3] > 0  # descent moves them inwards
+    assert (grad[1] == 0).all()
+
+
 def test_v_weight_makes_an_epsilon_or_x0_loss_the_v_loss_and_caps_it():
     """‖v − v̂‖² = v_weight · ‖ε − ε̂‖² for an ε network and v_weight · ‖x_0 − x̂_0‖² for an x_0 one (uncapped), with
     v̂ derived from the network's prediction; the cap bounds the weight where it grows without limit."""

@@ -32,6 +32,7 @@ from training.diffusion import (
     sample_timesteps,
     stream,
     v_weight,
+    variance_range_penalty,
     vlb_term,
 )
 from training.published import load_published_decoder, load_published_upsampler
@@ -181,7 +182,8 @@ class DecoderModule(ImageDiffusionModule):
 
     def loss(self, batch, generator, net):
         """MSE on the prediction target (weighted as v's with `v_weight_cap`); with a learned variance, plus the
-        variational bound's term at t (the hybrid loss of Improved DDPM, as Karlo trains)."""
+        variational bound's term at t (the hybrid loss of Improved DDPM, as Karlo trains) and the penalty that
+        keeps the variance values in the range UnCLIPScheduler reads (variance_range_penalty)."""
         x_0 = downsample(batch["image"], self.config.image_size)
         x_t, t, target = self.noised(x_0, generator)
         b = x_0.shape[0]
@@ -198,7 +200,8 @@ class DecoderModule(ImageDiffusionModule):
         if values is None:
             return mse
         x_0_hat = predicted_x0(self.schedule, prediction, x_t, t, self.hparams.prediction_type)
-        return mse + vlb_term(self.schedule, x_0_hat, values, x_0, x_t, t).mean()
+        bound = vlb_term(self.schedule, x_0_hat, values, x_0, x_t, t) + variance_range_penalty(values)
+        return mse + bound.mean()
 
     def grid(self, batch):
         samples = self.sampler.sample(self.condition_of(batch), list(range(len(batch["key"]))), batch["caption"])
