@@ -22,9 +22,11 @@ from training.prior_net import DiffusionPrior
 
 @dataclass
 class PriorSampling:
-    """How the prior samples: DDIM steps, guidance scale, and best of `candidates` (the paper's 2)."""
+    """How the prior samples: DDIM steps, guidance scale, and best of `candidates` (the paper's 2). 16 steps, where
+    the paper took 64: on the demo's prior, 64 gave cosine 0.830 to the true image embedding and open diversity
+    0.56, 16 gave 0.826 and 0.62, in a quarter of the time (README, "Results")."""
 
-    steps: int = 64
+    steps: int = 16
     guidance_scale: float = 1.0
     candidates: int = 2
 
