@@ -7,6 +7,7 @@ A job is one typed function whose keyword defaults are the truth; its YAML holds
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,13 +20,30 @@ class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, missing file or column."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that also reads exponent numbers without a dot (1e-3, 5E+4) as floats, as YAML 1.2
+    and Python do; PyYAML follows YAML 1.1, where they are strings, so `lr: 1e-3` reached AdamW as '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text parsed as configs are (exponent numbers without a dot are floats)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or a non-mapping is a ConfigError naming the path."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -66,7 +84,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         *parents, leaf = dotted.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw else None
+        node[leaf] = parse_yaml(raw) if raw else None
     return result
 
 

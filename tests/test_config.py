@@ -223,3 +223,22 @@ def test_training_configs_hold_only_what_differs_from_the_defaults(path):
             defaults.update({f.name: f.default_factory() for f in fields(kind) if f.default_factory is not MISSING})
             repeated += [f"{name}.{k}" for k, v in raw[name].items() if k in defaults and defaults[k] == v]
     assert repeated == []
+
+
+def test_exponent_numbers_without_a_dot_are_floats_in_configs_and_overrides(tmp_path):
+    """`lr: 1e-3` and `--set lr=1e-3` give the float 0.001 (PyYAML alone reads them as strings, YAML 1.1), while
+    other scalars parse as YAML always did."""
+    from embeddings.config import load_yaml, parse_overrides
+
+    assert parse_overrides(["lr=1e-3", "decay=5E+2", "steps=600", "name=1e3x", "cap=-2.5e-1", "v=1.0e-3"]) == {
+        "lr": 0.001,
+        "decay": 500.0,
+        "steps": 600,
+        "name": "1e3x",
+        "cap": -0.25,
+        "v": 0.001,
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-4\nseed: 7\nname: e5\n")
+    loaded = load_yaml(path)
+    assert loaded == {"lr": 0.0005, "seed": 7, "name": "e5"} and isinstance(loaded["lr"], float)
