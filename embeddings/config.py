@@ -25,16 +25,27 @@ class _Loader(yaml.SafeLoader):
     and Python do; PyYAML follows YAML 1.1, where they are strings, so `lr: 1e-3` reached AdamW as '1e-3'."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _Dumper(yaml.SafeDumper):
+    """YAML's safe dumper that quotes the strings _Loader would read as floats ('1e5'), so what is written
+    reads back as it was."""
+
+
+for _kind in (_Loader, _Dumper):
+    _kind.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
 
 
 def parse_yaml(text: str) -> Any:
     """YAML text parsed as configs are (exponent numbers without a dot are floats)."""
     return yaml.load(text, Loader=_Loader)
+
+
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML text that parse_yaml reads back the same, keys in their order."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

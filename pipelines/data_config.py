@@ -26,8 +26,6 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from embeddings import index as index_job
 from embeddings import storage, store
 from embeddings.config import (
@@ -35,6 +33,7 @@ from embeddings.config import (
     check_keys,
     check_section,
     check_storage_paths,
+    dump_yaml,
     load_yaml,
     merge,
     parse_overrides,
@@ -140,7 +139,7 @@ def write_data_config(config: DataConfig, comment: str) -> Path:
         if f.name != "name"
     }
     values = {"name": config.name, **{k: v for k, v in asdict(config).items() if k in defaults and v != defaults[k]}}
-    text = "".join(f"# {line}\n" for line in comment.splitlines()) + yaml.safe_dump(values, sort_keys=False)
+    text = "".join(f"# {line}\n" for line in comment.splitlines()) + dump_yaml(values)
     path = named_config(config.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage.write_bytes(path, text.encode())

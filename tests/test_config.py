@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from embeddings.config import ConfigError, parse_overrides
+from embeddings.config import ConfigError, parse_overrides, parse_yaml
 from pipelines.data_config import load_data_config, run_data
 from pipelines.download import check_shard_splits, read_url_list
 
@@ -213,7 +213,7 @@ def test_training_configs_hold_only_what_differs_from_the_defaults(path):
     from dataclasses import MISSING, fields
 
     spec = _jobs()[_job_of(path)]
-    raw = yaml.safe_load(path.read_text())
+    raw = parse_yaml(path.read_text())  # as the jobs read it
     spec.load(path)
     assert "precision" in raw
     repeated = [k for k, v in raw.items() if k in spec.defaults and spec.defaults[k] == v and k != "precision"]
@@ -228,7 +228,9 @@ def test_training_configs_hold_only_what_differs_from_the_defaults(path):
 def test_exponent_numbers_without_a_dot_are_floats_in_configs_and_overrides(tmp_path):
     """`lr: 1e-3` and `--set lr=1e-3` give the float 0.001 (PyYAML alone reads them as strings, YAML 1.1), while
     other scalars parse as YAML always did."""
-    from embeddings.config import load_yaml, parse_overrides
+    import datetime
+
+    from embeddings.config import dump_yaml, load_yaml
 
     assert parse_overrides(["lr=1e-3", "decay=5E+2", "steps=600", "name=1e3x", "cap=-2.5e-1", "v=1.0e-3"]) == {
         "lr": 0.001,
@@ -238,7 +240,18 @@ def test_exponent_numbers_without_a_dot_are_floats_in_configs_and_overrides(tmp_
         "cap": -0.25,
         "v": 0.001,
     }
+    assert parse_overrides(["a=.inf", "b=1_000", "c=0x1e3", "d=1.2.3", "e=1.0e3", "f=2026-11-30"]) == {
+        "a": float("inf"),
+        "b": 1000,
+        "c": 0x1E3,
+        "d": "1.2.3",
+        "e": 1000.0,
+        "f": datetime.date(2026, 11, 30),
+    }
     path = tmp_path / "c.yaml"
     path.write_text("lr: 5e-4\nseed: 7\nname: e5\n")
     loaded = load_yaml(path)
     assert loaded == {"lr": 0.0005, "seed": 7, "name": "e5"} and isinstance(loaded["lr"], float)
+    # what the jobs write (data/<name>/data.yaml) reads back the same: a string that looks like a number stays one
+    values = {"name": "1e5", "lr": 1e-3, "steps": 600}
+    assert "'1e5'" in dump_yaml(values) and parse_yaml(dump_yaml(values)) == values

@@ -542,6 +542,7 @@ def test_the_learned_variance_loss_charges_values_outside_their_range(tiny_clip_
 
     clip = {"model": str(tiny_clip_dir), "checksum": load_clip({"model": str(tiny_clip_dir)}).checksum}
     sizes = dict(image_size=8, dim=32, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8)
+    torch.manual_seed(0)
     module = DecoderModule(
         dict(sizes, norm_groups=4, layout="karlo", learned_variance=True, text_token_width=32),
         clip,
@@ -556,28 +557,29 @@ def test_the_learned_variance_loss_charges_values_outside_their_range(tiny_clip_
         "caption": ["a red circle", "a blue square", "a star", "a green ring"],
     }
 
-    def loss_with_values_shifted_by(shift):
-        """The loss, and the variance values the loss saw, with the network's values moved by `shift`."""
+    def loss_with_values(change):
+        """The loss, and the variance values the loss saw, with the network's values replaced by change(values)."""
         seen = []
 
-        def shifted(net, inputs, output):
+        def changed(net, inputs, output):
             prediction, values = output.chunk(2, dim=1)
-            seen.append(values + shift)
+            seen.append(change(values))
             return torch.cat([prediction, seen[-1]], dim=1)
 
-        hook = module.net.register_forward_hook(shifted)
+        hook = module.net.register_forward_hook(changed)
         with torch.no_grad():
             loss = module.loss(batch, torch.Generator().manual_seed(1), module.net)
         hook.remove()
         return loss, seen[-1]
 
-    loss_in, values_in = loss_with_values_shifted_by(0.0)
-    loss_out, values_out = loss_with_values_shifted_by(3.0)
+    inside, outside = (lambda v: 0.9 * torch.tanh(v)), (lambda v: v + 3.0)
+    loss_in, values_in = loss_with_values(inside)
+    loss_out, values_out = loss_with_values(outside)
     extra = variance_range_penalty(values_out).mean()
-    assert variance_range_penalty(values_in).max() == 0 and extra > 1  # a fresh network's values start in range
+    assert variance_range_penalty(values_in).max() == 0 and extra > 1
     monkeypatch.setattr(decoder_module, "variance_range_penalty", lambda values: values.new_zeros(len(values)))
-    unpenalised_in, _ = loss_with_values_shifted_by(0.0)
-    unpenalised_out, _ = loss_with_values_shifted_by(3.0)
+    unpenalised_in, _ = loss_with_values(inside)
+    unpenalised_out, _ = loss_with_values(outside)
     torch.testing.assert_close(loss_in, unpenalised_in)
     torch.testing.assert_close(loss_out, unpenalised_out + extra)
 

@@ -11,8 +11,8 @@ import sys
 import open_clip
 import pytest
 import torch
-import yaml
 
+from embeddings.config import parse_yaml
 from training.decoder_net import DecoderConfig, Upsampler, UpsamplerConfig, build_decoder
 from training.memory import PeakMemory, checkpoint_activations, estimate
 from training.prior_net import DiffusionPrior, PriorConfig
@@ -21,7 +21,7 @@ from .conftest import REPO
 
 
 def _sizes(config: str, section: str, **extra) -> dict:
-    return dict(yaml.safe_load((REPO / "configs" / config).read_text())[section], **extra)
+    return dict(parse_yaml((REPO / "configs" / config).read_text())[section], **extra)
 
 
 NETS = {  # the tiny configs' networks, as the tiny data set (32-d CLIP, 16 tokens) sizes them

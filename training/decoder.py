@@ -1,8 +1,8 @@
 """`make train-decoder` and `make train-upsampler`: the image diffusion models of unCLIP.
 
 Both predict v, the noise ε or x_0 (`prediction_type`; ε and x_0 weighted as v's with `v_weight_cap`)
-with an MSE loss (a decoder with a learned variance adds the variational bound's term: the hybrid
-loss), keep an EMA copy of the network for sampling, evaluation and export, draw their noise from the
+with an MSE loss (a decoder with a learned variance adds the variational bound's term, the hybrid
+loss, and a penalty on variance values outside [-1, 1]: diffusion.py:variance_range_penalty), keep an EMA copy of the network for sampling, evaluation and export, draw their noise from the
 stream of (seed, step, rank) so a resumed run repeats what it would have drawn, and save a PNG grid of
 samples from fixed val samples at each validation, so progress is visible. Sampling is
 training/samplers.py's.
@@ -183,7 +183,8 @@ class DecoderModule(ImageDiffusionModule):
     def loss(self, batch, generator, net):
         """MSE on the prediction target (weighted as v's with `v_weight_cap`); with a learned variance, plus the
         variational bound's term at t (the hybrid loss of Improved DDPM, as Karlo trains) and the penalty that
-        keeps the variance values in the range UnCLIPScheduler reads (variance_range_penalty)."""
+        pulls variance values back towards the range UnCLIPScheduler interpolates over (variance_range_penalty;
+        nothing for values inside it, so a published decoder whose values stay in range trains as before)."""
         x_0 = downsample(batch["image"], self.config.image_size)
         x_t, t, target = self.noised(x_0, generator)
         b = x_0.shape[0]
