@@ -2,8 +2,9 @@
 
 Both predict v, the noise ε or x_0 (`prediction_type`; ε and x_0 weighted as v's with `v_weight_cap`)
 with an MSE loss (a decoder with a learned variance adds the variational bound's term, the hybrid
-loss, and a penalty on variance values outside [-1, 1]: diffusion.py:variance_range_penalty), keep an EMA copy of the network for sampling, evaluation and export, draw their noise from the
-stream of (seed, step, rank) so a resumed run repeats what it would have drawn, and save a PNG grid of
+loss, and a penalty on variance values outside [-1, 1]: diffusion.py:variance_range_penalty), keep an
+EMA copy of the network for sampling, evaluation and export, draw their noise from the stream of
+(seed, step, rank) so a resumed run repeats what it would have drawn, and save a PNG grid of
 samples from fixed val samples at each validation, so progress is visible. Sampling is
 training/samplers.py's.
 

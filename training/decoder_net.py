@@ -235,8 +235,8 @@ class KarloDecoder(nn.Module):
         drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_t (B, 3, H, W); t (B,); z, z_t (B, D) raw; text_tokens (B, T, D); token_mask (B, T) True = real; drop
-        (B,) True where z is dropped (the learned null embedding in its place). Returns (B, 3, H, W) the prediction (ε
-        or x_0, as trained), or (B, 6, H, W) the prediction and the variance values."""
+        (B,) True where z is dropped (the learned null embedding in its place). Returns (B, 3, H, W) the
+        prediction (ε or x_0, as trained), or (B, 6, H, W) the prediction and the variance values."""
         if text_tokens is None or z_t is None:
             raise ValueError("Karlo's decoder reads the caption: pass text_tokens and z_t")
         z = drop_embedding(z, drop, self.null_embedding())

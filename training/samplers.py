@@ -23,8 +23,8 @@ from training.prior_net import DiffusionPrior
 @dataclass
 class PriorSampling:
     """How the prior samples: DDIM steps, guidance scale, and best of `candidates` (the paper's 2). 16 steps, where
-    the paper took 64: on the demo's prior, 64 gave cosine 0.830 to the true image embedding and open diversity
-    0.56, 16 gave 0.826 and 0.62, in a quarter of the time (the demo's prior of 300 steps; README, "Results")."""
+    the paper took 64: on the previous demo's 300-step prior, 64 gave cosine 0.830 to the true image embedding and
+    open diversity 0.56, 16 gave 0.826 and 0.62, in a quarter of the time (README, "Results")."""
 
     steps: int = 16
     guidance_scale: float = 1.0
@@ -170,10 +170,10 @@ class DecoderSampler:
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """Images (B, 3, s, s) in [-1, 1] for CLIP vectors z (B, D) (raw for a decoder in Karlo's layout,
-        `config.raw`; else unit). No captions: the dropped caption (image
-        variations, interpolations). Guidance: the conditional and unconditional halves in one batch, on the prediction
-        (ε or x_0; a learned variance is taken from the conditional half, as UnCLIPPipeline does). A decoder with a learned
-        variance (predicting ε or x_0) samples as Karlo does (training/diffusion.py:unclip_sample); the others by DDIM with `eta`."""
+        `config.raw`; else unit). No captions: the dropped caption (image variations, interpolations). Guidance:
+        the conditional and unconditional halves in one batch, on the prediction (ε or x_0; a learned variance is
+        taken from the conditional half, as UnCLIPPipeline does). A decoder with a learned variance samples as
+        Karlo does (training/diffusion.py:unclip_sample); the others by DDIM with `eta`."""
         s = self.sampling
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         device = _device(self.net)
