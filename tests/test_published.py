@@ -302,8 +302,8 @@ def test_init_from_a_karlo_super_resolution_unet_computes_what_it_computes(tmp_p
 def _our_unclip_models(folder, clip_dir, *, upsampler_dim: int = 0, prediction_type: str = "epsilon"):
     """models/<name>/ in the exportable form (the demo's configs/*/small.yaml and upsampler-small.yaml), at tiny
     sizes with random weights, against the tiny test CLIP (32-d, 32 tokens): a raw-space prior reading token
-    encodings, a Karlo-layout decoder with a learned variance, an upsampler (8 → 32 px); decoder and upsampler
-    predict `prediction_type` (ε or x_0)."""
+    encodings through Kandinsky 2.2's input LayerNorms, a Karlo-layout decoder with a learned variance, an
+    upsampler (8 → 32 px); decoder and upsampler predict `prediction_type` (ε or x_0)."""
     from training.conditioning import load_clip
     from training.decoder_net import DecoderConfig, KarloDecoder, Upsampler, UpsamplerConfig
     from training.export import save_export
@@ -313,7 +313,15 @@ def _our_unclip_models(folder, clip_dir, *, upsampler_dim: int = 0, prediction_t
     record = {"model": str(clip_dir), "checksum": encoder.checksum}
     torch.manual_seed(0)
     prior_sizes = PriorConfig(
-        dim=CLIP_DIM, width=32, depth=1, heads=2, text_token_width=CLIP_DIM, max_text_tokens=32, clip_space="raw"
+        dim=CLIP_DIM,
+        width=32,
+        depth=1,
+        heads=2,
+        text_token_width=CLIP_DIM,
+        max_text_tokens=32,
+        clip_space="raw",
+        norm_in_type="layer",
+        embedding_proj_norm_type="layer",
     ).to_dict()
     decoder_sizes = DecoderConfig(
         image_size=8,
