@@ -245,7 +245,7 @@ def test_a_component_of_another_clip_is_refused(trained, tmp_path):
 
 def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_embed, tmp_path):
     """make eval on tiny models: every (system, scale, set) cell is measured and the outputs are written."""
-    from training.unclip_eval import evaluate
+    from training.unclip_eval import compare, evaluate
 
     root, common, _ = trained
     config, _ = tiny_embed
@@ -291,6 +291,12 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
     assert prior["text_embedding"]["open_diversity"] in (0.0, None)  # one embedding per caption: no spread
     assert -1 <= prior["cosine_unrelated"] <= 1 and 0 <= prior["prior"]["fidelity"] <= 1
     assert "Δ open diversity" in (tmp_path / "eval" / "table.md").read_text()
+    for r in summary["results"]:  # 3 captions of 2 images each: the mean of the captions' means is the mean
+        assert len(r["clip_score_per_caption"]) == 3
+        assert np.mean(r["clip_score_per_caption"]) == pytest.approx(r["clip_score"], abs=1e-6)
+    same = compare(tmp_path / "eval", tmp_path / "eval")  # a folder against itself: nothing moved
+    assert {(c["split"], c["guidance"]) for c in same["cells"]} == {(s, g) for s in ("val", "heldout") for g in (1, 3)}
+    assert all(c[m]["difference"]["mean"] == 0 for c in same["cells"] for m in ("fidelity", "clip_score"))
     for name in (
         "metrics.json",
         "table.md",
@@ -384,6 +390,43 @@ def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():
     points = diversity_at_equal_clip_score(results, "unclip", "glide_like", "diversity_clip")
     assert points[0]["glide_like"] == pytest.approx(0.2) and points[0]["unclip"] == 0.4
     assert points[1]["glide_like"] is None  # outside the baseline's range of CLIP scores
+
+
+def _eval_folder(folder, fidelity: list, clip_score: list, captions: str = "val: a red circle\n", **settings):
+    """A `make eval` folder holding one unclip cell (val, guidance 1) with these per-caption figures."""
+    folder.mkdir()
+    cell = {"system": "unclip", "split": "val", "guidance": 1.0}
+    for name, values in (("fidelity", fidelity), ("open_diversity", fidelity), ("clip_score", clip_score)):
+        cell[name], cell[f"{name}_per_caption"] = float(np.mean([v for v in values if v is not None])), values
+    summary = {"captions_per_set": len(fidelity), "per_caption": 4, "seed": 0, **settings, "results": [cell]}
+    (folder / "metrics.json").write_text(json.dumps(summary))
+    (folder / "captions.txt").write_text(captions)
+    return folder
+
+
+def test_eval_compare_pairs_the_same_captions_and_refuses_folders_drawn_differently(tmp_path):
+    from training.unclip_eval import compare, comparison_table
+
+    before = _eval_folder(tmp_path / "before", [0.5, 1.0, None], [0.2, 0.3, 0.4])
+    after = _eval_folder(tmp_path / "after", [0.75, 0.5, 1.0], [0.3, 0.3, 0.6])
+    (cell,) = compare(before, after)["cells"]
+    assert cell["fidelity"]["before"] == 0.75 and cell["fidelity"]["after"] == 0.75
+    # paired over the captions both define: (0.25 − 0.5) / 2, where the unpaired means are equal
+    assert cell["fidelity"]["difference"]["mean"] == pytest.approx(-0.125)
+    assert cell["fidelity"]["difference"]["captions"] == 2
+    assert cell["clip_score"]["difference"]["mean"] == pytest.approx(0.1)
+    table = comparison_table(compare(before, after))
+    assert "| val | 1 | 0.750 → 0.750 | -0.12 [" in table and "| mean | |" in table
+    for name, kwargs in (
+        ("other-captions", {"captions": "val: a blue square\n"}),
+        ("other-steps", {"decoder_steps": 20}),
+    ):
+        with pytest.raises(ValueError, match="not drawn alike"):
+            compare(before, _eval_folder(tmp_path / name, [0.5, 1.0, None], [0.2, 0.3, 0.4], **kwargs))
+    with pytest.raises(FileNotFoundError, match="run `make eval"):
+        compare(before, tmp_path / "missing")
+    with pytest.raises(ValueError, match="no cell of system 'glide_like'"):
+        compare(before, after, "glide_like")
 
 
 @pytest.mark.parametrize(

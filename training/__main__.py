@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-samples", type=int, help="prior samples per caption")
     p.add_argument("--seed", type=int)
     p.add_argument("--outputs", default="outputs", help="where the training runs' logs are (for the loss plot)")
+    p = sub.add_parser(
+        "eval-compare", help="two eval folders of the same captions side by side: before → after, paired differences"
+    )
+    p.add_argument("--before", required=True, help="the eval folder of the models before the change")
+    p.add_argument("--after", required=True, help="the eval folder of the models after it")
+    p.add_argument("--system", default="unclip", help="which system's cells: unclip, glide_like or unclip_full")
+    p.add_argument("--out", help="also write the table to this file")
     p = sub.add_parser("export-diffusers", help="exported models as folders diffusers' pipelines load")
     p.add_argument("--models", help="folder holding prior/ (default: models/<data set>)")
     p.add_argument("--data", default=DEFAULT_DATA, help="the data set (a name or a config path) trained on")
@@ -109,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         elif args.job == "eval":
             _evaluate(args)
+        elif args.job == "eval-compare":
+            from pathlib import Path
+
+            from training.unclip_eval import compare, comparison_table
+
+            table = comparison_table(compare(args.before, args.after, args.system))
+            print(table)
+            if args.out:
+                Path(args.out).write_text(table + "\n")
         elif args.job == "sample-prior":
             _sample_prior(args)
         elif args.job == "export-diffusers":

@@ -28,6 +28,7 @@ the decoders; `unclip_full` is the whole unCLIP chain (its upsampler reading z_i
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,9 @@ def score(
     ]
     metrics["colour_shape_accuracy"] = float(np.mean(both)) if both else None
     metrics.update(summary)
-    metrics["clip_score"] = float((z_img * z_txt).sum(1).mean())
+    cosines = (z_img * z_txt).sum(1)
+    metrics["clip_score"] = float(cosines.mean())
+    metrics["clip_score_per_caption"] = [float(c) for c in cosines.reshape(len(rows), per_caption).mean(1)]
     metrics["frechet_clip"] = frechet_distance(z_img, real)
     metrics["diversity_pixels"] = mean_pairwise(images.astype(np.float32) / 255, len(rows), "rms")
     metrics["diversity_clip"] = mean_pairwise(z_img, len(rows), "cosine")
@@ -211,6 +214,7 @@ def evaluate(
         "data": data,
         "models": str(models),
         "captions_per_set": captions,
+        "seed": seed,
         "per_caption": per_caption,
         "decoder_steps": steps,
         "upsampler_steps": upsampler_steps,
@@ -336,6 +340,88 @@ def prior_table(prior: dict, draws: dict[str, float]) -> str:
         + ", ".join(f"{a} {v:.2f}" for a, v in draws.items())
         + "."
     )
+    return "\n".join(lines)
+
+
+COMPARED = ("fidelity", "open_diversity", "clip_score")  # what `compare` sets side by side, per caption
+SAME_SETTINGS = ("captions_per_set", "per_caption", "decoder_steps", "upsampler_steps", "seed")
+
+
+def compare(before: str | Path, after: str | Path, system: str = "unclip") -> dict:
+    """`system`'s cells in two `make eval` folders of the same captions and settings (the models before and after
+    a change): per (set, guidance) both means and after − before over the same captions, with paired bootstrap 95%
+    intervals; the prior alone beside them. Folders whose captions or settings differ are refused."""
+    runs = {}
+    for name, folder in (("before", Path(before)), ("after", Path(after))):
+        if not (folder / "metrics.json").is_file():
+            raise FileNotFoundError(f"no metrics.json in {folder}: run `make eval OUT={folder}` first")
+        runs[name] = (json.loads((folder / "metrics.json").read_text()), (folder / "captions.txt").read_text())
+    (a, captions_a), (b, captions_b) = runs["before"], runs["after"]
+    differing = [k for k in SAME_SETTINGS if a.get(k) != b.get(k)]
+    if differing or captions_a != captions_b:
+        raise ValueError(
+            f"{before} and {after} were not drawn alike ({', '.join(differing) or 'captions.txt'} differ): "
+            "run both `make eval`s with the same EVAL_OPTS on the same data set"
+        )
+    cells = []
+    for r in (r for r in b["results"] if r["system"] == system):
+        old = next(
+            (
+                x
+                for x in a["results"]
+                if (x["system"], x["split"], x["guidance"]) == (system, r["split"], r["guidance"])
+            ),
+            None,
+        )
+        if old is None:
+            continue
+        cell = {"split": r["split"], "guidance": r["guidance"]}
+        for metric in COMPARED:
+            if f"{metric}_per_caption" not in r or f"{metric}_per_caption" not in old:
+                raise ValueError(f"{metric} per caption is missing: rerun `make eval` on this code for both folders")
+            cell[metric] = {
+                "before": old[metric],
+                "after": r[metric],
+                "difference": open_eval.paired_difference(r[f"{metric}_per_caption"], old[f"{metric}_per_caption"]),
+            }
+        cells.append(cell)
+    if not cells:
+        raise ValueError(f"no cell of system {system!r} is in both {before} and {after}")
+    prior = {name: run[0]["prior"] for name, run in runs.items() if "prior" in run[0]}
+    return {"system": system, "before": str(before), "after": str(after), "cells": cells, "prior": prior}
+
+
+def comparison_table(comparison: dict) -> str:
+    """`compare`'s figures as markdown: before → after and the paired difference per cell, the means over cells,
+    the prior alone."""
+    header = " | ".join(f"{m.replace('_', ' ')} before → after | Δ [95%]" for m in COMPARED)
+    lines = [f"| set | guidance | {header} |", "|---|---|" + "---|---|" * len(COMPARED)]
+    cells = sorted(comparison["cells"], key=lambda c: (c["split"], c["guidance"]))
+    for c in cells:
+        parts = []
+        for m in COMPARED:
+            d = c[m]["difference"]
+            parts.append(
+                f"{c[m]['before']:.3f} → {c[m]['after']:.3f} | "
+                + (_with_interval(d["mean"], d["interval"]) if d else "–")
+            )
+        lines.append(f"| {c['split']} | {c['guidance']:g} | " + " | ".join(parts) + " |")
+    means = [
+        f"{np.mean([c[m]['before'] for c in cells]):.3f} → {np.mean([c[m]['after'] for c in cells]):.3f} | "
+        + f"{np.mean([c[m]['after'] - c[m]['before'] for c in cells]):+.3f}"
+        for m in COMPARED
+    ]
+    lines.append("| mean | | " + " | ".join(means) + " |")
+    prior = comparison["prior"]
+    if set(prior) == {"before", "after"}:
+        p, q = prior["before"], prior["after"]
+        lines.append(
+            f"\nPrior alone ({q['captions']} val captions × {q['samples_per_caption']}): open diversity "
+            f"{_with_interval(p['prior']['open_diversity'], p['prior'].get('open_diversity_interval'))} → "
+            f"{_with_interval(q['prior']['open_diversity'], q['prior'].get('open_diversity_interval'))}, fidelity "
+            f"{p['prior']['fidelity']:.2f} → {q['prior']['fidelity']:.2f}, cosine to the true image "
+            f"{p['cosine_predicted']:.3f} → {q['cosine_predicted']:.3f}."
+        )
     return "\n".join(lines)
 
 
