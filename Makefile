@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED := 1
 # Variables a user may give a target; each target takes some of them (TAKES_<target> below).
 USER_VARS := NAME DATA CONFIG SET CLIP REDO URL_LIST FOLDER SOURCE OUT CLIP_CONFIG PRIOR_CONFIG DECODER_CONFIG \
 	UPSAMPLER_CONFIG MODELS SEED N STEPS GUIDANCE DECODER PROMPT PROMPTS PRIOR_GUIDANCE IMAGE A B FROM TO QUERY KEY \
-	K KIND KNN_OUT EVAL_OPTS BEFORE AFTER JOB SUBMIT_PYTHON VIEW
+	K KIND KNN_OUT EVAL_OPTS BEFORE AFTER SYSTEM JOB SUBMIT_PYTHON VIEW
 GIVEN := $(foreach v,$(USER_VARS),$(if $(filter command line,$(origin $(v))),$(v)))
 # The same names set in the shell's environment are never used: a target that takes one refuses it (below).
 IN_ENVIRONMENT := $(foreach v,$(USER_VARS),$(if $(filter environment,$(origin $(v))),$(v)))
@@ -116,9 +116,9 @@ demo: setup ## the whole pipeline on the embedded default (committed CLIP): data
 eval: setup ## unCLIP vs the GLIDE-like baseline on val and held-out captions: fidelity, open diversity, accuracy, CLIP score
 	$(PY) -m training eval $(DATA_OPT) $(if $(MODELS),--models "$(MODELS)") $(if $(OUT),--out "$(OUT)") $(EVAL_OPTS)
 
-eval-compare: setup ## BEFORE=dir AFTER=dir: two `make eval` folders of the same captions side by side (before → after, paired Δ with 95% intervals) [OUT=file]
-	@test -n "$(BEFORE)" -a -n "$(AFTER)" || { echo 'usage: make eval-compare BEFORE=outputs/eval-old AFTER=outputs/eval'; exit 2; }
-	$(PY) -m training eval-compare --before "$(BEFORE)" --after "$(AFTER)" $(if $(OUT),--out "$(OUT)")
+eval-compare: setup ## BEFORE=dir AFTER=dir: two `make eval` folders of the same captions side by side (before → after, paired Δ with 95% intervals) [SYSTEM=glide_like] [OUT=file]
+	@test -n "$(BEFORE)" -a -n "$(AFTER)" || { echo 'usage: make eval-compare BEFORE=outputs/eval-old AFTER=outputs/eval-new'; exit 2; }
+	$(PY) -m training eval-compare --before "$(BEFORE)" --after "$(AFTER)" $(if $(SYSTEM),--system "$(SYSTEM)") $(if $(OUT),--out "$(OUT)")
 
 data: setup ## render the synthetic source: data/<name>/urls.parquet and source/
 	$(PY) -m pipelines data $(DATA_OPT) $(SET_OPTS)
@@ -247,7 +247,7 @@ TAKES_variations := $(GEN_VARS) IMAGE
 TAKES_interpolate := $(GEN_VARS) A B
 TAKES_textdiff := $(GEN_VARS) IMAGE FROM TO
 TAKES_eval := $(DATA_VARS) MODELS OUT EVAL_OPTS
-TAKES_eval-compare := BEFORE AFTER OUT
+TAKES_eval-compare := BEFORE AFTER SYSTEM OUT
 TAKES_export-diffusers := $(DATA_VARS) MODELS OUT
 TAKES_bench-embed := $(DATA_VARS)
 TAKES_bench-download := $(DATA_VARS)

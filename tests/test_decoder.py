@@ -245,7 +245,7 @@ def test_a_component_of_another_clip_is_refused(trained, tmp_path):
 
 def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_embed, tmp_path):
     """make eval on tiny models: every (system, scale, set) cell is measured and the outputs are written."""
-    from training.unclip_eval import compare, evaluate
+    from training.unclip_eval import compare, comparison_table, evaluate
 
     root, common, _ = trained
     config, _ = tiny_embed
@@ -296,7 +296,10 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
         assert np.mean(r["clip_score_per_caption"]) == pytest.approx(r["clip_score"], abs=1e-6)
     same = compare(tmp_path / "eval", tmp_path / "eval")  # a folder against itself: nothing moved
     assert {(c["split"], c["guidance"]) for c in same["cells"]} == {(s, g) for s in ("val", "heldout") for g in (1, 3)}
-    assert all(c[m]["difference"]["mean"] == 0 for c in same["cells"] for m in ("fidelity", "clip_score"))
+    for c in same["cells"]:
+        for m in ("fidelity", "open_diversity", "clip_score"):
+            assert c[m]["difference"] is None or c[m]["difference"]["mean"] == 0
+    assert "| mean of the cells |" in comparison_table(same)
     for name in (
         "metrics.json",
         "table.md",
@@ -392,13 +395,41 @@ def test_diversity_at_equal_clip_score_interpolates_along_the_baseline():
     assert points[1]["glide_like"] is None  # outside the baseline's range of CLIP scores
 
 
+def test_clip_scores_per_caption_average_each_captions_own_images():
+    """Images are caption-major: caption i's scores are the mean over its own per_caption images."""
+    from training.unclip_eval import score
+
+    class Encoder:  # a plain image's embedding turns from the text's direction as its grey level rises
+        def preprocess_on_device(self, images):
+            return images
+
+        def encode_images(self, images):
+            angles = [float(image.mean()) / 255 * math.pi / 2 for image in images]
+            return torch.tensor([[math.cos(a), math.sin(a)] for a in angles])
+
+        def encode_texts(self, texts):
+            return torch.tensor([[1.0, 0.0]] * len(texts))
+
+    images = np.stack([np.full((16, 16, 3), level, np.uint8) for level in (0, 0, 255, 255, 0, 255)])
+    row = {"caption": "x", "colour": "red", "shape": "circle", "size": "large", "position": "center"}
+    rows = [dict(row, background="gray") for _ in range(3)]
+    reference = {"background": 1.0, "position": 1.0, "size": 1.0}
+    metrics = score(images, rows, 2, Encoder(), np.random.default_rng(0).normal(size=(10, 2)), reference)
+    assert metrics["clip_score_per_caption"] == pytest.approx([1.0, 0.0, 0.5], abs=1e-6)
+    assert metrics["clip_score"] == pytest.approx(0.5, abs=1e-6)
+
+
 def _eval_folder(folder, fidelity: list, clip_score: list, captions: str = "val: a red circle\n", **settings):
-    """A `make eval` folder holding one unclip cell (val, guidance 1) with these per-caption figures."""
+    """A `make eval` folder holding one unclip cell (val, guidance 1) with these per-caption figures (open
+    diversity: fidelity / 2, so that the two cannot be mixed up)."""
     folder.mkdir()
     cell = {"system": "unclip", "split": "val", "guidance": 1.0}
-    for name, values in (("fidelity", fidelity), ("open_diversity", fidelity), ("clip_score", clip_score)):
-        cell[name], cell[f"{name}_per_caption"] = float(np.mean([v for v in values if v is not None])), values
-    summary = {"captions_per_set": len(fidelity), "per_caption": 4, "seed": 0, **settings, "results": [cell]}
+    diversity = [None if f is None else f / 2 for f in fidelity]
+    for name, values in (("fidelity", fidelity), ("open_diversity", diversity), ("clip_score", clip_score)):
+        defined = [v for v in values if v is not None]
+        cell[name], cell[f"{name}_per_caption"] = (float(np.mean(defined)) if defined else None), values
+    summary = {"captions_per_set": len(fidelity), "per_caption": 4, "decoder_steps": 40, "upsampler_steps": 8}
+    summary.update({"seed": 0, "results": [cell], **settings})
     (folder / "metrics.json").write_text(json.dumps(summary))
     (folder / "captions.txt").write_text(captions)
     return folder
@@ -414,19 +445,31 @@ def test_eval_compare_pairs_the_same_captions_and_refuses_folders_drawn_differen
     # paired over the captions both define: (0.25 − 0.5) / 2, where the unpaired means are equal
     assert cell["fidelity"]["difference"]["mean"] == pytest.approx(-0.125)
     assert cell["fidelity"]["difference"]["captions"] == 2
+    assert cell["open_diversity"]["difference"]["mean"] == pytest.approx(-0.0625)
     assert cell["clip_score"]["difference"]["mean"] == pytest.approx(0.1)
     table = comparison_table(compare(before, after))
-    assert "| val | 1 | 0.750 → 0.750 | -0.12 [" in table and "| mean | |" in table
+    assert "| val | 1 | 0.750 → 0.750 | -0.125 [" in table and "| mean of the cells | |" in table
     for name, kwargs in (
         ("other-captions", {"captions": "val: a blue square\n"}),
         ("other-steps", {"decoder_steps": 20}),
+        ("other-seed", {"seed": 1}),
     ):
         with pytest.raises(ValueError, match="not drawn alike"):
             compare(before, _eval_folder(tmp_path / name, [0.5, 1.0, None], [0.2, 0.3, 0.4], **kwargs))
+    older = _eval_folder(tmp_path / "older", [0.5, 1.0, None], [0.2, 0.3, 0.4])
+    summary = json.loads((older / "metrics.json").read_text())
+    del summary["results"][0]["clip_score_per_caption"]
+    (older / "metrics.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="older `make eval`"):
+        compare(older, after)
     with pytest.raises(FileNotFoundError, match="run `make eval"):
         compare(before, tmp_path / "missing")
     with pytest.raises(ValueError, match="no cell of system 'glide_like'"):
         compare(before, after, "glide_like")
+    # a cell where no caption leaves anything open has no open diversity: shown as '–', left out of the means
+    closed = _eval_folder(tmp_path / "closed", [None, None, None], [0.2, 0.3, 0.4])
+    table = comparison_table(compare(closed, closed))
+    assert "| – → – | – |" in table and "| mean of the cells | | – → – | – |" in table
 
 
 @pytest.mark.parametrize(

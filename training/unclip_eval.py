@@ -343,84 +343,107 @@ def prior_table(prior: dict, draws: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-COMPARED = ("fidelity", "open_diversity", "clip_score")  # what `compare` sets side by side, per caption
+COMPARED = {"fidelity": "fidelity", "open_diversity": "open diversity", "clip_score": "CLIP score"}  # per caption
 SAME_SETTINGS = ("captions_per_set", "per_caption", "decoder_steps", "upsampler_steps", "seed")
+SAME_PRIOR_SETTINGS = ("captions", "samples_per_caption")
+
+
+def _read_eval(folder: Path, system: str) -> tuple[dict, str]:
+    """metrics.json and captions.txt of a `make eval` folder, refused when it predates what `compare` reads."""
+    if not (folder / "metrics.json").is_file():
+        raise FileNotFoundError(f"no metrics.json in {folder}: run `make eval OUT={folder}` first")
+    summary = json.loads((folder / "metrics.json").read_text())
+    cells = [r for r in summary["results"] if r["system"] == system]
+    if "seed" not in summary or any(f"{m}_per_caption" not in r for r in cells for m in COMPARED):
+        raise ValueError(
+            f"{folder} was written by an older `make eval` (no seed or per-caption CLIP scores): run it again on "
+            "this code"
+        )
+    return summary, (folder / "captions.txt").read_text()
 
 
 def compare(before: str | Path, after: str | Path, system: str = "unclip") -> dict:
-    """`system`'s cells in two `make eval` folders of the same captions and settings (the models before and after
-    a change): per (set, guidance) both means and after − before over the same captions, with paired bootstrap 95%
-    intervals; the prior alone beside them. Folders whose captions or settings differ are refused."""
-    runs = {}
-    for name, folder in (("before", Path(before)), ("after", Path(after))):
-        if not (folder / "metrics.json").is_file():
-            raise FileNotFoundError(f"no metrics.json in {folder}: run `make eval OUT={folder}` first")
-        runs[name] = (json.loads((folder / "metrics.json").read_text()), (folder / "captions.txt").read_text())
-    (a, captions_a), (b, captions_b) = runs["before"], runs["after"]
-    differing = [k for k in SAME_SETTINGS if a.get(k) != b.get(k)]
-    if differing or captions_a != captions_b:
+    """`system`'s cells in two `make eval` folders drawn alike (same captions, images per caption, steps, seed,
+    guidance scales and prior samples: the models before and after a change): per (set, guidance) both means and
+    after − before over the same captions, with paired bootstrap 95% intervals; the prior alone beside them.
+    Folders drawn differently are refused, naming what differs."""
+    (a, captions_a), (b, captions_b) = (_read_eval(Path(f), system) for f in (before, after))
+    differing = [k for k in SAME_SETTINGS if a[k] != b[k]]
+    differing += ["captions.txt"] if captions_a != captions_b else []
+    cells_a, cells_b = (
+        {(r["split"], r["guidance"]): r for r in run["results"] if r["system"] == system} for run in (a, b)
+    )
+    for folder, found in ((before, cells_a), (after, cells_b)):
+        if not found:
+            raise ValueError(f"no cell of system {system!r} in {folder}")
+    differing += ["guidance scales"] if set(cells_a) != set(cells_b) else []
+    prior_a, prior_b = a.get("prior"), b.get("prior")
+    if (prior_a is None) != (prior_b is None) or (
+        prior_a and any(prior_a[k] != prior_b[k] for k in SAME_PRIOR_SETTINGS)
+    ):
+        differing.append("prior samples")
+    if differing:
         raise ValueError(
-            f"{before} and {after} were not drawn alike ({', '.join(differing) or 'captions.txt'} differ): "
-            "run both `make eval`s with the same EVAL_OPTS on the same data set"
+            f"{before} and {after} were not drawn alike ({', '.join(differing)} differ): run both `make eval`s "
+            "with the same EVAL_OPTS on the same data set"
         )
     cells = []
-    for r in (r for r in b["results"] if r["system"] == system):
-        old = next(
-            (
-                x
-                for x in a["results"]
-                if (x["system"], x["split"], x["guidance"]) == (system, r["split"], r["guidance"])
-            ),
-            None,
-        )
-        if old is None:
-            continue
-        cell = {"split": r["split"], "guidance": r["guidance"]}
+    for key in sorted(cells_b):
+        old, new = cells_a[key], cells_b[key]
+        cell = {"split": key[0], "guidance": key[1]}
         for metric in COMPARED:
-            if f"{metric}_per_caption" not in r or f"{metric}_per_caption" not in old:
-                raise ValueError(f"{metric} per caption is missing: rerun `make eval` on this code for both folders")
             cell[metric] = {
                 "before": old[metric],
-                "after": r[metric],
-                "difference": open_eval.paired_difference(r[f"{metric}_per_caption"], old[f"{metric}_per_caption"]),
+                "after": new[metric],
+                "difference": open_eval.paired_difference(new[f"{metric}_per_caption"], old[f"{metric}_per_caption"]),
             }
         cells.append(cell)
-    if not cells:
-        raise ValueError(f"no cell of system {system!r} is in both {before} and {after}")
-    prior = {name: run[0]["prior"] for name, run in runs.items() if "prior" in run[0]}
+    prior = {"before": prior_a, "after": prior_b} if prior_b else {}
     return {"system": system, "before": str(before), "after": str(after), "cells": cells, "prior": prior}
 
 
+def _figure(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def comparison_table(comparison: dict) -> str:
-    """`compare`'s figures as markdown: before → after and the paired difference per cell, the means over cells,
-    the prior alone."""
-    header = " | ".join(f"{m.replace('_', ' ')} before → after | Δ [95%]" for m in COMPARED)
+    """`compare`'s figures as markdown: per cell before → after and the paired difference with its 95% interval;
+    a last row with the means over the cells (of the figures, and of the cells' paired differences); the prior
+    alone. A figure a cell does not define (open diversity where no caption leaves anything open) is '–'."""
+    header = " | ".join(f"{label} before → after | Δ [95%]" for label in COMPARED.values())
     lines = [f"| set | guidance | {header} |", "|---|---|" + "---|---|" * len(COMPARED)]
-    cells = sorted(comparison["cells"], key=lambda c: (c["split"], c["guidance"]))
-    for c in cells:
+    for c in comparison["cells"]:
         parts = []
         for m in COMPARED:
             d = c[m]["difference"]
+            interval = f" [{d['interval'][0]:.3f}, {d['interval'][1]:.3f}]" if d and d["interval"] else ""
             parts.append(
-                f"{c[m]['before']:.3f} → {c[m]['after']:.3f} | "
-                + (_with_interval(d["mean"], d["interval"]) if d else "–")
+                f"{_figure(c[m]['before'])} → {_figure(c[m]['after'])} | "
+                + (f"{d['mean']:.3f}{interval}" if d else "–")
             )
         lines.append(f"| {c['split']} | {c['guidance']:g} | " + " | ".join(parts) + " |")
-    means = [
-        f"{np.mean([c[m]['before'] for c in cells]):.3f} → {np.mean([c[m]['after'] for c in cells]):.3f} | "
-        + f"{np.mean([c[m]['after'] - c[m]['before'] for c in cells]):+.3f}"
-        for m in COMPARED
-    ]
-    lines.append("| mean | | " + " | ".join(means) + " |")
-    prior = comparison["prior"]
-    if set(prior) == {"before", "after"}:
-        p, q = prior["before"], prior["after"]
+
+    def mean(values: list) -> float | None:
+        defined = [v for v in values if v is not None]
+        return float(np.mean(defined)) if defined else None
+
+    means = []
+    for m in COMPARED:
+        cells = comparison["cells"]
+        differences = [c[m]["difference"]["mean"] if c[m]["difference"] else None for c in cells]
+        means.append(
+            f"{_figure(mean([c[m]['before'] for c in cells]))} → {_figure(mean([c[m]['after'] for c in cells]))} | "
+            f"{_figure(mean(differences), '+.3f')}"
+        )
+    lines.append("| mean of the cells | | " + " | ".join(means) + " |")
+    if comparison["prior"]:
+        p, q = comparison["prior"]["before"], comparison["prior"]["after"]
         lines.append(
             f"\nPrior alone ({q['captions']} val captions × {q['samples_per_caption']}): open diversity "
             f"{_with_interval(p['prior']['open_diversity'], p['prior'].get('open_diversity_interval'))} → "
             f"{_with_interval(q['prior']['open_diversity'], q['prior'].get('open_diversity_interval'))}, fidelity "
-            f"{p['prior']['fidelity']:.2f} → {q['prior']['fidelity']:.2f}, cosine to the true image "
-            f"{p['cosine_predicted']:.3f} → {q['cosine_predicted']:.3f}."
+            f"{_figure(p['prior']['fidelity'], '.2f')} → {_figure(q['prior']['fidelity'], '.2f')}, cosine to the "
+            f"true image {p['cosine_predicted']:.3f} → {q['cosine_predicted']:.3f}."
         )
     return "\n".join(lines)
 
