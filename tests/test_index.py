@@ -28,7 +28,9 @@ def test_index_json_and_own_key_first(tiny_index):
         searcher = Searcher(config.layout.index, kind)
         keys = table.column("key").to_pylist()
         for row in (0, 17, len(keys) - 1):
-            assert searcher.search(vectors[row], k=5)[0][0]["key"] == keys[row]
+            # first, or tied for first: rows with the same caption have the same text embedding
+            hits = searcher.search(vectors[row], k=5)[0]
+            assert keys[row] in [h["key"] for h in hits if h["score"] >= hits[0]["score"] - 1e-6]
 
 
 def test_factory_follows_count_and_budget():
