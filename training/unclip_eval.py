@@ -299,10 +299,11 @@ def evaluate_prior_spread(unclip, table: list[dict], captions: int, samples: int
     }
 
 
-def _with_interval(value, interval) -> str:
+def _with_interval(value, interval, spec: str = ".2f") -> str:
+    """`value` and its interval (if any) formatted with `spec`; '–' for no value."""
     if value is None:
         return "–"
-    return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+    return format(value, spec) + (f" [{interval[0]:{spec}}, {interval[1]:{spec}}]" if interval else "")
 
 
 def differences_table(rows: list[dict]) -> str:
@@ -402,10 +403,6 @@ def compare(before: str | Path, after: str | Path, system: str = "unclip") -> di
     return {"system": system, "before": str(before), "after": str(after), "cells": cells, "prior": prior}
 
 
-def _figure(value: float | None, spec: str = ".3f") -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def comparison_table(comparison: dict) -> str:
     """`compare`'s figures as markdown: per cell before → after and the paired difference with its 95% interval;
     a last row with the means over the cells (of the figures, and of the cells' paired differences); the prior
@@ -415,12 +412,9 @@ def comparison_table(comparison: dict) -> str:
     for c in comparison["cells"]:
         parts = []
         for m in COMPARED:
-            d = c[m]["difference"]
-            interval = f" [{d['interval'][0]:.3f}, {d['interval'][1]:.3f}]" if d and d["interval"] else ""
-            parts.append(
-                f"{_figure(c[m]['before'])} → {_figure(c[m]['after'])} | "
-                + (f"{d['mean']:.3f}{interval}" if d else "–")
-            )
+            d = c[m]["difference"] or {"mean": None, "interval": None}
+            before, after = (_with_interval(c[m][k], None, ".3f") for k in ("before", "after"))
+            parts.append(f"{before} → {after} | {_with_interval(d['mean'], d['interval'], '.3f')}")
         lines.append(f"| {c['split']} | {c['guidance']:g} | " + " | ".join(parts) + " |")
 
     def mean(values: list) -> float | None:
@@ -432,8 +426,9 @@ def comparison_table(comparison: dict) -> str:
         cells = comparison["cells"]
         differences = [c[m]["difference"]["mean"] if c[m]["difference"] else None for c in cells]
         means.append(
-            f"{_figure(mean([c[m]['before'] for c in cells]))} → {_figure(mean([c[m]['after'] for c in cells]))} | "
-            f"{_figure(mean(differences), '+.3f')}"
+            f"{_with_interval(mean([c[m]['before'] for c in cells]), None, '.3f')} → "
+            f"{_with_interval(mean([c[m]['after'] for c in cells]), None, '.3f')} | "
+            f"{_with_interval(mean(differences), None, '+.3f')}"
         )
     lines.append("| mean of the cells | | " + " | ".join(means) + " |")
     if comparison["prior"]:
@@ -442,7 +437,7 @@ def comparison_table(comparison: dict) -> str:
             f"\nPrior alone ({q['captions']} val captions × {q['samples_per_caption']}): open diversity "
             f"{_with_interval(p['prior']['open_diversity'], p['prior'].get('open_diversity_interval'))} → "
             f"{_with_interval(q['prior']['open_diversity'], q['prior'].get('open_diversity_interval'))}, fidelity "
-            f"{_figure(p['prior']['fidelity'], '.2f')} → {_figure(q['prior']['fidelity'], '.2f')}, cosine to the "
+            f"{_with_interval(p['prior']['fidelity'], None)} → {_with_interval(q['prior']['fidelity'], None)}, cosine to the "
             f"true image {p['cosine_predicted']:.3f} → {q['cosine_predicted']:.3f}."
         )
     return "\n".join(lines)
