@@ -670,6 +670,56 @@ def test_the_learned_variance_loss_charges_values_outside_their_range(tiny_clip_
     torch.testing.assert_close(loss_out, unpenalised_out + extra)
 
 
+def test_the_variational_bound_trains_only_the_variance_rows_unless_asked_to_train_the_network(
+    tiny_clip_dir, monkeypatch
+):
+    """By default the bound's gradient stops at the output layer's variance rows: every other weight gets the
+    gradient of the prediction's loss alone (what it gets with the bound and the penalty zeroed). With
+    bound_trains_network, as Improved DDPM trains, the shared weights get the bound's gradient too."""
+    from training import decoder as decoder_module
+    from training.conditioning import load_clip
+    from training.decoder import DecoderModule
+
+    clip = {"model": str(tiny_clip_dir), "checksum": load_clip({"model": str(tiny_clip_dir)}).checksum}
+    sizes = dict(
+        image_size=8, dim=32, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8, norm_groups=4
+    )
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1,
+        "z_i": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
+        "z_t": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
+        "caption": ["a red circle", "a blue square", "a star", "a green ring"],
+    }
+
+    def gradients(**options) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        module = DecoderModule(
+            dict(sizes, layout="karlo", learned_variance=True, text_token_width=32),
+            clip,
+            text_tokens="clip",
+            prediction_type="sample",
+            **options,
+        )
+        module.loss(batch, torch.Generator().manual_seed(1), module.net).backward()
+        return {name: p.grad.clone() for name, p in module.net.named_parameters() if p.grad is not None}
+
+    detached, through = gradients(), gradients(bound_trains_network=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder_module, "vlb_term", lambda *args: args[1].new_zeros(len(args[1])))
+        patch.setattr(decoder_module, "variance_range_penalty", lambda values: values.new_zeros(len(values)))
+        prediction_only = gradients()
+    head = ("unet.conv_out.weight", "unet.conv_out.bias")
+    for name, grad in prediction_only.items():
+        if name in head:
+            torch.testing.assert_close(detached[name][:3], grad[:3])
+            assert detached[name][3:].abs().sum() > 0 and grad[3:].abs().sum() == 0
+        else:
+            torch.testing.assert_close(detached[name], grad, msg=name)
+    shared = [n for n in prediction_only if n not in head]
+    assert any(not torch.allclose(through[n], prediction_only[n]) for n in shared)
+
+
 def test_an_upsampler_fine_tunes_from_a_karlo_folder_and_exports(tiny_embed, tmp_path):
     """make train-upsampler with init_from Karlo's layout (a tiny random-weight pipeline saved by diffusers): the
     sizes come from its super_res_first, a few ε steps train, the export loads and samples."""

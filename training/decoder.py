@@ -2,7 +2,8 @@
 
 Both predict v, the noise ε or x_0 (`prediction_type`; ε and x_0 weighted as v's with `v_weight_cap`)
 with an MSE loss (a decoder with a learned variance adds the variational bound's term, the hybrid
-loss, and a penalty on variance values outside [-1, 1]: diffusion.py:variance_range_penalty), keep an
+loss, which by default trains only the variance values' output rows, and a penalty on variance values
+outside [-1, 1]: diffusion.py:variance_range_penalty), keep an
 EMA copy of the network for sampling, evaluation and export, draw their noise from the stream of
 (seed, step, rank) so a resumed run repeats what it would have drawn, and save a PNG grid of
 samples from fixed val samples at each validation, so progress is visible. Sampling is
@@ -25,7 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from training.conditioning import Caption, FrozenText, drop_caption, drop_embedding
-from training.decoder_net import DecoderConfig, Upsampler, UpsamplerConfig, build_decoder, downsample, upsample
+from training.decoder_net import (
+    DecoderConfig,
+    Upsampler,
+    UpsamplerConfig,
+    build_decoder,
+    downsample,
+    upsample,
+    variance_values_from_detached_features,
+)
 from training.diffusion import (
     UNCLIP_PREDICTIONS,
     noise_schedule,
@@ -151,6 +160,7 @@ class DecoderModule(ImageDiffusionModule):
         text_tokens: str = "none",
         prediction_type: str = "v_prediction",
         v_weight_cap: float | None = None,
+        bound_trains_network: bool = False,
         sampling: dict | None = None,
         seed: int = 0,
     ):
@@ -158,8 +168,10 @@ class DecoderModule(ImageDiffusionModule):
         the embeddings (needed with `text_tokens: clip`); `condition`: 'image' (unCLIP) or 'text' (GLIDE-like
         baseline); `init_from`: a Karlo pipeline folder whose decoder/ and text_proj/ weights (its learned null
         embedding too) start training; `v_weight_cap`: an ε or x_0 decoder's MSE weighted as the v objective's,
-        the weights capped there (training/diffusion.py:v_weight; None: unweighted); `sampling`: DecoderSampling
-        fields."""
+        the weights capped there (training/diffusion.py:v_weight; None: unweighted); `bound_trains_network`: with a
+        learned variance, let the variational bound's gradient into the whole network, as Improved DDPM does (False:
+        it trains the variance values' output rows only, training/decoder_net.py:variance_values_from_detached_features);
+        `sampling`: DecoderSampling fields."""
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"condition {condition!r}: use 'image' (unCLIP) or 'text' (GLIDE-like baseline)")
@@ -174,6 +186,8 @@ class DecoderModule(ImageDiffusionModule):
         net = build_decoder(self.config)
         if init_from:
             load_published_decoder(net, init_from)
+        if self.config.learned_variance and not bound_trains_network:
+            variance_values_from_detached_features(net.unet.conv_out)
         self.init_image_nets(net)
         self.text = FrozenText(text_tokens, clip)
         self.sampler = DecoderSampler(self.ema, self.text, prediction_type, condition, sampling)
@@ -183,7 +197,8 @@ class DecoderModule(ImageDiffusionModule):
 
     def loss(self, batch, generator, net):
         """MSE on the prediction target (weighted as v's with `v_weight_cap`); with a learned variance, plus the
-        variational bound's term at t (the hybrid loss of Improved DDPM, as Karlo trains) and the penalty that
+        variational bound's term at t (the hybrid loss of Improved DDPM, as Karlo trains; its gradient stops at the
+        variance values' output rows unless `bound_trains_network`) and the penalty that
         pulls variance values back towards the range UnCLIPScheduler interpolates over (variance_range_penalty;
         nothing for values inside it, so a published decoder whose values stay in range trains as before)."""
         x_0 = downsample(batch["image"], self.config.image_size)
