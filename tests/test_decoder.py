@@ -692,18 +692,26 @@ def test_the_variational_bound_trains_only_the_variance_rows_unless_asked_to_tra
         "caption": ["a red circle", "a blue square", "a star", "a green ring"],
     }
 
-    def gradients(**options) -> dict[str, torch.Tensor]:
+    def module(**options) -> DecoderModule:
         torch.manual_seed(0)
-        module = DecoderModule(
+        return DecoderModule(
             dict(sizes, layout="karlo", learned_variance=True, text_token_width=32),
             clip,
             text_tokens="clip",
             prediction_type="sample",
             **options,
         )
-        module.loss(batch, torch.Generator().manual_seed(1), module.net).backward()
-        return {name: p.grad.clone() for name, p in module.net.named_parameters() if p.grad is not None}
 
+    def gradients(**options) -> dict[str, torch.Tensor]:
+        m = module(**options)
+        m.loss(batch, torch.Generator().manual_seed(1), m.net).backward()
+        return {name: p.grad.clone() for name, p in m.net.named_parameters() if p.grad is not None}
+
+    m = module()
+    inputs = m.net.example_inputs(2)
+    with torch.no_grad():
+        plain = m.net(*inputs)
+    torch.testing.assert_close(m.net(*inputs), plain)  # the hook changes gradients, not outputs
     detached, through = gradients(), gradients(bound_trains_network=True)
     with monkeypatch.context() as patch:
         patch.setattr(decoder_module, "vlb_term", lambda *args: args[1].new_zeros(len(args[1])))
@@ -713,6 +721,7 @@ def test_the_variational_bound_trains_only_the_variance_rows_unless_asked_to_tra
     for name, grad in prediction_only.items():
         if name in head:
             torch.testing.assert_close(detached[name][:3], grad[:3])
+            torch.testing.assert_close(detached[name][3:], through[name][3:])  # the values' rows learn as before
             assert detached[name][3:].abs().sum() > 0 and grad[3:].abs().sum() == 0
         else:
             torch.testing.assert_close(detached[name], grad, msg=name)

@@ -169,8 +169,9 @@ class DecoderModule(ImageDiffusionModule):
         baseline); `init_from`: a Karlo pipeline folder whose decoder/ and text_proj/ weights (its learned null
         embedding too) start training; `v_weight_cap`: an ε or x_0 decoder's MSE weighted as the v objective's,
         the weights capped there (training/diffusion.py:v_weight; None: unweighted); `bound_trains_network`: with a
-        learned variance, let the variational bound's gradient into the whole network, as Improved DDPM does (False:
-        it trains the variance values' output rows only, training/decoder_net.py:variance_values_from_detached_features);
+        learned variance, let the gradient of the variational bound (and of the range penalty) into the whole network,
+        as Improved DDPM does (False: they train the variance values' output rows only,
+        training/decoder_net.py:variance_values_from_detached_features);
         `sampling`: DecoderSampling fields."""
         super().__init__()
         if condition not in CONDITIONS:
@@ -186,6 +187,10 @@ class DecoderModule(ImageDiffusionModule):
         net = build_decoder(self.config)
         if init_from:
             load_published_decoder(net, init_from)
+        if bound_trains_network and not self.config.learned_variance:
+            raise ValueError(
+                "bound_trains_network is about the variational bound of a learned variance: set decoder.learned_variance"
+            )
         if self.config.learned_variance and not bound_trains_network:
             variance_values_from_detached_features(net.unet.conv_out)
         self.init_image_nets(net)

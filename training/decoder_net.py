@@ -252,21 +252,23 @@ class KarloDecoder(nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=context, class_labels=time, attention_mask=mask).sample
 
 
+def _values_from_detached_features(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """conv_out's forward hook (see variance_values_from_detached_features)."""
+    if not torch.is_grad_enabled():
+        return output
+    half = output.shape[1] // 2
+    values = module._conv_forward(inputs[0].detach(), module.weight[half:], module.bias[half:])
+    return torch.cat([output[:, :half], values], dim=1)
+
+
 def variance_values_from_detached_features(conv_out: nn.Conv2d) -> torch.utils.hooks.RemovableHandle:
     """Make a learned-variance UNet's variance values (the second half of `conv_out`'s channels) read the network's
-    last features detached while gradients are on: the variational bound then trains the output layer's variance
-    rows only, and the rest of the network learns from the prediction's loss alone. The output is unchanged.
-    Improved DDPM lets the bound's gradient into the shared network; on the demo's 16 px x_0 decoder that cost
-    fidelity 0.67 → 0.50 and position 0.92 → 0.67 after 800 steps (README, "Results")."""
-
-    def hook(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return output
-        half = output.shape[1] // 2
-        values = module._conv_forward(inputs[0].detach(), module.weight[half:], module.bias[half:])
-        return torch.cat([output[:, :half], values], dim=1)
-
-    return conv_out.register_forward_hook(hook)
+    last features detached while gradients are on: what trains the values (the variational bound and the range
+    penalty) then trains the output layer's variance rows only, and the rest of the network learns from the
+    prediction's loss alone. The output is unchanged. Improved DDPM lets the bound's gradient into the shared
+    network; on the demo's 16 px x_0 decoder after 800 steps that gave fidelity 0.50 and position accuracy 0.67
+    where this gives 0.68 and 0.95 (README, "Results")."""
+    return conv_out.register_forward_hook(_values_from_detached_features)
 
 
 class Upsampler(nn.Module):

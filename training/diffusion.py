@@ -205,7 +205,8 @@ def vlb_term(
 ) -> torch.Tensor:
     """The variational bound's term at t per row, in bits per dimension: KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t))
     for t > 0, the discretised decoder NLL of x_0 at t = 0. The model's mean is built from its x̂_0 detached, so
-    this term trains the variance values only (Improved DDPM)."""
+    the prediction gets no gradient from it (Improved DDPM); whether its gradient reaches the network the values
+    share with the prediction is the decoder's choice (training/decoder.py, `bound_trains_network`)."""
     model_mean, _ = posterior(schedule, x_0_hat.detach(), x_t, t)
     true_mean, true_log_var = posterior(schedule, x_0, x_t, t)
     log_var = model_log_variance(schedule, values, t)
