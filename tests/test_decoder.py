@@ -616,6 +616,17 @@ def test_a_learned_variance_needs_the_karlo_layout_and_an_unclip_scheduler_predi
         DecoderModule(dict(sizes, layout="karlo", learned_variance=True, text_token_width=32), {}, text_tokens="clip")
 
 
+def _tiny_karlo_batch() -> dict:
+    """A seeded batch of 4 rows for an 8 px decoder on 32-d CLIP vectors (the learned-variance loss tests)."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1,
+        "z_i": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
+        "z_t": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
+        "caption": ["a red circle", "a blue square", "a star", "a green ring"],
+    }
+
+
 def test_the_learned_variance_loss_charges_values_outside_their_range(tiny_clip_dir, monkeypatch):
     """The decoder's hybrid loss adds variance_range_penalty: with the variance values shifted out of [-1, 1], the
     loss is the one without the penalty plus the penalty's mean, to the float (an x_0 decoder's values drift out
@@ -635,13 +646,7 @@ def test_the_learned_variance_loss_charges_values_outside_their_range(tiny_clip_
         text_tokens="clip",
         prediction_type="sample",
     )
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "image": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1,
-        "z_i": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
-        "z_t": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
-        "caption": ["a red circle", "a blue square", "a star", "a green ring"],
-    }
+    batch = _tiny_karlo_batch()
 
     def loss_with_values(change):
         """The loss, and the variance values the loss saw, with the network's values replaced by change(values)."""
@@ -684,13 +689,7 @@ def test_the_variational_bound_trains_only_the_variance_rows_unless_asked_to_tra
     sizes = dict(
         image_size=8, dim=32, channels=[8, 16], layers_per_block=1, head_width=8, context_width=8, norm_groups=4
     )
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "image": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1,
-        "z_i": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
-        "z_t": torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1),
-        "caption": ["a red circle", "a blue square", "a star", "a green ring"],
-    }
+    batch = _tiny_karlo_batch()
 
     def module(**options) -> DecoderModule:
         torch.manual_seed(0)
