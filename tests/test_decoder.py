@@ -614,6 +614,10 @@ def test_a_learned_variance_needs_the_karlo_layout_and_an_unclip_scheduler_predi
         Decoder(DecoderConfig(**sizes, learned_variance=True))
     with pytest.raises(ValueError, match="set prediction_type: epsilon or sample"):
         DecoderModule(dict(sizes, layout="karlo", learned_variance=True, text_token_width=32), {}, text_tokens="clip")
+    with pytest.raises(ValueError, match="bound_trains_network is about the variational bound"):
+        DecoderModule(
+            dict(sizes, layout="karlo", text_token_width=32), {}, text_tokens="clip", bound_trains_network=True
+        )
 
 
 def _tiny_karlo_batch() -> dict:

@@ -182,15 +182,15 @@ class DecoderModule(ImageDiffusionModule):
             raise ValueError(
                 "a decoder with learned_variance samples with UnCLIPScheduler: set prediction_type: epsilon or sample"
             )
+        if bound_trains_network and not self.config.learned_variance:
+            raise ValueError(
+                "bound_trains_network is about the variational bound of a learned variance: set decoder.learned_variance"
+            )
         if init_from and (self.config.layout != "karlo" or condition != "image"):
             raise ValueError("a published decoder (init_from) is Karlo's: decoder.layout karlo, condition image")
         net = build_decoder(self.config)
         if init_from:
             load_published_decoder(net, init_from)
-        if bound_trains_network and not self.config.learned_variance:
-            raise ValueError(
-                "bound_trains_network is about the variational bound of a learned variance: set decoder.learned_variance"
-            )
         if self.config.learned_variance and not bound_trains_network:
             variance_values_from_detached_features(net.unet.conv_out)
         self.init_image_nets(net)
