@@ -26,6 +26,7 @@ from tqdm import tqdm
 from embeddings import storage, store
 from embeddings.config import ConfigError
 from embeddings.encoders import EncoderSpec, load_encoder
+from embeddings.hardware import precision_name
 from embeddings.tars import DamagedTar, finished_tars, iter_tar_samples, tar_info
 from pipelines.cluster import ray_session
 
@@ -234,16 +235,22 @@ def live_actors(actors: list) -> tuple[list, dict]:
     """The actors that started (one placed on a node that has just died never does) and the encoder's info."""
     import ray
 
-    live, info = [], None
+    live, infos = [], []
     for actor in actors:
         try:
-            info = ray.get(actor.info.remote())
+            infos.append(ray.get(actor.info.remote()))
             live.append(actor)
         except ray.exceptions.RayActorError as err:
             print(f"[embed] an embedding actor did not start ({type(err).__name__}); going on without it", flush=True)
     if not live:
         raise RuntimeError("no embedding actor could start on the cluster")
-    return live, info
+    formats = sorted({i["compute_dtype"] for i in infos})
+    if len(formats) > 1:
+        raise ConfigError(
+            f"the embedding actors chose different number formats ({', '.join(formats)}) for precision auto: "
+            "set embed.encoder.precision (bf16 or fp32) so that every shard is computed alike"
+        )
+    return live, infos[0]
 
 
 def run_shards(actors: list, tars: list):
@@ -304,6 +311,7 @@ def embed(
     spec = dict(encoder or {})
     EncoderSpec(**spec)  # unknown keys fail here, before Ray starts
     shards_dir, output_dir = storage.absolute(shards_dir), storage.absolute(output_dir)
+    spec = _resume_precision(spec, output_dir)
     tars = finished_tars(shards_dir)  # img2dataset writes a tar's _stats.json after the tar
     if not tars:
         raise ConfigError(f"no webdataset shards in {shards_dir}: run `make download` first")
@@ -348,6 +356,16 @@ def embed(
     if damaged:
         raise DamagedShards(manifest)
     return manifest
+
+
+def _resume_precision(spec: dict, output_dir) -> dict:
+    """`spec` with precision 'auto' pinned to the format the folder's manifest recorded, so that the shards a
+    rerun adds are computed as the first run's were (auto measures the machine, and a busy machine may measure
+    otherwise); an explicit precision, or a folder without a manifest, is left as it is."""
+    if spec.get("precision", "auto") != "auto" or not (output_dir / store.MANIFEST).exists():
+        return spec
+    recorded = store.read_manifest(output_dir)["encoder"].get("compute_dtype")
+    return {**spec, "precision": precision_name(recorded)} if recorded else spec
 
 
 def _count(tar) -> int:

@@ -118,7 +118,11 @@ def main() -> None:
         report["nodes"] = {"head": cluster.head_node.node_id, "worker": worker.node_id}
 
         # 1. Both nodes share the work.
-        config = replace(base, data_root=str(out / "both"), embed={"encoder": {"model": str(clip)}, "batch_size": 32})
+        config = replace(
+            base,
+            data_root=str(out / "both"),
+            embed={"encoder": {"model": str(clip), "precision": "fp32"}, "batch_size": 32},
+        )  # fp32 as the tiny_embed fixture's, which these runs are compared with
         run_data(config)
         report["both"] = {"download": run_download(config), "download_nodes": node_of_tasks("ray_download")}
         manifest = run_embed(config)
@@ -142,7 +146,7 @@ def main() -> None:
             f"RAY_ADDRESS=http://127.0.0.1:{dashboard}",
             "CONFIG=configs/data/tiny.yaml",
             f"SUBMIT_PYTHON={sys.executable}",
-            f"SET=data_root={out / 'submit'} embed.encoder.model={clip} embed.batch_size=32",
+            f"SET=data_root={out / 'submit'} embed.encoder.model={clip} embed.encoder.precision=fp32 embed.batch_size=32",
         ]
         for _ in range(3):  # the job server answers 'No available agent' until the head's agent has registered
             job = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=REPO)

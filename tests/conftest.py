@@ -78,7 +78,10 @@ def tiny_embed(tiny_download, tiny_clip_dir):
     from pipelines.data_config import run_embed
 
     config, _, _ = tiny_download
-    config = replace(config, embed={"encoder": {"model": str(tiny_clip_dir)}, "batch_size": 32})
+    # fp32 whatever the machine: tests compare these vectors with other runs' (bf16 on AMX CPUs rounds
+    # differently with each batch's composition, ~5e-3 on the tiny CLIP).
+    encoder = {"model": str(tiny_clip_dir), "precision": "fp32"}
+    config = replace(config, embed={"encoder": encoder, "batch_size": 32})
     return config, run_embed(config)
 
 

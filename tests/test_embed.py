@@ -74,7 +74,7 @@ def test_the_raw_clip_embeddings_are_recovered_from_the_norms(tiny_embed):
 
 def test_second_run_gives_the_same_vectors(tiny_embed, tmp_path):
     config, _ = tiny_embed
-    embed(config.layout.shards, tmp_path / "again", encoder={"model": config.embed["encoder"]["model"]}, batch_size=7)
+    embed(config.layout.shards, tmp_path / "again", encoder=config.embed["encoder"], batch_size=7)
     first, again = vectors_by_key(config.layout.embeddings), vectors_by_key(tmp_path / "again")
     assert first.keys() == again.keys()
     assert max(np.abs(first[k] - again[k]).max() for k in first) <= 1e-3  # float16 rounding
@@ -93,7 +93,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_embed, tmp_path):
     out = tmp_path / "killed"
     script = (
         "from pipelines.embed import embed; "
-        f"embed({str(config.layout.shards)!r}, {str(out)!r}, encoder={{'model': {config.embed['encoder']['model']!r}}}, batch_size=2)"
+        f"embed({str(config.layout.shards)!r}, {str(out)!r}, encoder={config.embed['encoder']!r}, batch_size=2)"
     )
     process = subprocess.Popen(
         [sys.executable, "-c", script],
@@ -114,13 +114,34 @@ def test_killed_run_resumes_to_the_same_result(tiny_embed, tmp_path):
     assert 1 <= done_at_kill < total, "the kill should land part-way through"
     assert store.read_manifest(out)["complete"] is False
 
-    embed(config.layout.shards, out, encoder={"model": config.embed["encoder"]["model"]}, batch_size=32)
+    embed(config.layout.shards, out, encoder=config.embed["encoder"], batch_size=32)
     table = store.read_table(out, columns=["key"])
     keys = table.column("key").to_pylist()
     assert len(keys) == len(set(keys))
     reference, resumed = vectors_by_key(config.layout.embeddings), vectors_by_key(out)
     assert resumed.keys() == reference.keys()
     assert max(np.abs(reference[k] - resumed[k]).max() for k in reference) <= 1e-3
+
+
+def test_a_rerun_with_precision_auto_computes_in_the_format_the_folder_recorded(tiny_embed, tmp_path):
+    """precision auto measures the machine, and a busy machine can measure otherwise: a rerun that finishes a
+    folder computes its missing shards in the format the manifest recorded, so they equal the first run's."""
+    from embeddings.hardware import bf16_is_fast
+
+    config, _ = tiny_embed
+    other = "fp32" if bf16_is_fast() else "bf16"  # the format auto would not choose on this machine
+    out, model = tmp_path / other, config.embed["encoder"]["model"]
+    embed(config.layout.shards, out, encoder={"model": model, "precision": other}, batch_size=32)
+    first = vectors_by_key(out)
+    lost = sorted(out.glob("*.parquet"))[0]
+    lost.unlink()
+    (out / lost.name.replace(".parquet", "_record.json")).unlink()
+
+    manifest = embed(config.layout.shards, out, encoder={"model": model}, batch_size=32)
+    again = vectors_by_key(out)
+    assert manifest["encoder"]["compute_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[other]
+    assert again.keys() == first.keys()
+    assert max(np.abs(first[k] - again[k]).max() for k in first) == 0
 
 
 def test_corrupt_image_in_a_tar_is_skipped_and_counted(tiny_embed, tmp_path):

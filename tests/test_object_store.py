@@ -144,6 +144,8 @@ def on_s3(s3, tiny_embed, tiny_clip_dir, tmp_path_factory):
         "--set",
         f"embed.encoder.model={tiny_clip_dir}",
         "--set",
+        "embed.encoder.precision=fp32",
+        "--set",
         "embed.batch_size=32",
     ]
     out = {"download": _run(["pipelines", "download", *data], env), "embed": _run(["pipelines", "embed", *data], env)}
