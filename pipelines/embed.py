@@ -295,7 +295,8 @@ def embed(
 ) -> dict:
     """Embed every finished tar of `shards_dir` into `output_dir`; returns the manifest.
 
-    `encoder` holds EncoderSpec fields (model, weights, pretrained, precision, device). On a cluster
+    `encoder` holds EncoderSpec fields (model, weights, pretrained, precision, device); precision auto, on a
+    folder whose manifest recorded a format, keeps that format (see _resume_precision). On a cluster
     with GPUs there is one actor per GPU; otherwise one per node (see start_actors). `decoder`: 'auto'
     decodes JPEGs with torchvision on the GPU where the encoder runs on one (the CPUs then only read the
     tars) and with PIL in `decode_threads` threads elsewhere; 'torchvision' or 'pil' forces either
