@@ -272,7 +272,8 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
     )
     cells = {(r["system"], r["guidance"], r["split"]) for r in summary["results"]}
     expected = {(s, g, split) for s in ("unclip", "glide_like") for g in (1.0, 3.0) for split in ("val", "heldout")}
-    assert cells == expected | {("unclip_full", 3.0, "val"), ("unclip_full", 3.0, "heldout")}
+    at_default = {(s, 3.0, split) for s in ("unclip_full", "decoder_true_z") for split in ("val", "heldout")}
+    assert cells == expected | at_default
     for r in summary["results"]:
         assert r["images"] == 6  # 3 captions, 2 images each
         assert len(r["fidelity_per_caption"]) == 3 and 0 <= r["fidelity"] <= 1
@@ -309,6 +310,24 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
         "samples-val-glide_like.png",
     ):
         assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+def test_the_decoder_alone_is_given_each_rows_own_image_embedding_raw_where_it_reads_raw_vectors():
+    import torch
+
+    from training.unclip_eval import true_embeddings
+
+    rows = [
+        {"image_embedding": [0.6, 0.8], "image_norm": 10.0},
+        {"image_embedding": [1.0, 0.0], "image_norm": 2.0},
+    ]
+    unit = true_embeddings(rows, 3, raw=False)
+    raw = true_embeddings(rows, 3, raw=True)
+    assert unit.shape == raw.shape == (6, 2)  # 3 per row, row-major as text_to_image orders prompts
+    assert torch.allclose(unit[:3], torch.tensor([0.6, 0.8])) and torch.allclose(unit[3:], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(raw[:3], torch.tensor([6.0, 8.0])) and torch.allclose(raw[3:], torch.tensor([2.0, 0.0]))
+    with pytest.raises(ConfigError, match="image_norm"):
+        true_embeddings([{"image_embedding": [1.0, 0.0]}], 1, raw=True)
 
 
 def test_frechet_distance_and_diversity():

@@ -23,6 +23,9 @@ training image for fidelity and open diversity.
 
 Both systems go through the same upsampler without an image embedding, so the comparison is between
 the decoders; `unclip_full` is the whole unCLIP chain (its upsampler reading z_i) at the default scale.
+`decoder_true_z` judges the decoder alone, as the prior was: unCLIP's decoder and upsampler given each
+caption's own image's z_i at the default scale, so a loss in `unclip` shows whether it is the prior's or
+the decoder's (its open diversity is the decoder's own spread around one z_i).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from training import open_eval
 from training.grid import save_grid
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
+DECODER_ALONE = "decoder_true_z"  # the system name of the decoder given the true image embeddings
 
 
 def eval_rows(table: list[dict], split: str, n: int, seed: int = 0) -> tuple[list[dict], np.ndarray]:
@@ -54,12 +58,26 @@ def eval_rows(table: list[dict], split: str, n: int, seed: int = 0) -> tuple[lis
 
 
 def single_object_rows(embeddings_dir: str | Path) -> list[dict]:
-    """Every single-object row of the data set: key, caption, split, attributes, what the caption names, z_i."""
+    """Every single-object row of the data set: key, caption, split, attributes, what the caption names, z_i (and
+    its raw norm where the shards carry it)."""
     columns = ["key", "caption", "split", "n_objects", "background", *ATTRIBUTES, "image_embedding"]
     paths = store.shard_paths(embeddings_dir)
-    named = bool(paths) and shapes.NAMED_COLUMN in store.shard_file(paths[0]).schema_arrow.names
-    table = store.read_table(embeddings_dir, columns + ([shapes.NAMED_COLUMN] if named else []))
+    names = store.shard_file(paths[0]).schema_arrow.names if paths else []
+    optional = [c for c in (shapes.NAMED_COLUMN, store.NORM_COLUMNS["image_embedding"]) if c in names]
+    table = store.read_table(embeddings_dir, columns + optional)
     return [r for r in table.to_pylist() if r["n_objects"] == 1]
+
+
+def true_embeddings(rows: list[dict], per_caption: int, raw: bool) -> torch.Tensor:
+    """Each row's own CLIP image embedding z_i, `per_caption` times (row-major): unit, or raw (unit × image_norm)
+    for a decoder in Karlo's layout. What the decoder is given when it is judged alone, without the prior."""
+    import torch
+
+    norm = store.NORM_COLUMNS["image_embedding"]
+    if raw:
+        store.require_norms(list(rows[0]), "the eval rows", ("image_embedding",))
+    z = [np.asarray(r["image_embedding"], np.float32) * (r[norm] if raw else 1.0) for r in rows]
+    return torch.from_numpy(np.repeat(np.stack(z), per_caption, axis=0))
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -190,12 +208,18 @@ def evaluate(
     if full.upsampler is not None and full.upsampler.config.dim:
         systems["unclip_full"] = full
         jobs += [("unclip_full", default_scale, split) for split in sets]
+    jobs += [(DECODER_ALONE, default_scale, split) for split in sets]
     for system, scale, split in tqdm(jobs, desc="eval", unit="cell"):
         rows, real = sets[split]
         prompts = [r["caption"] for r in rows]
-        images = systems[system].text_to_image(
-            prompts, per_caption, seed, guidance_scale=scale, steps=steps, upsampler_steps=upsampler_steps
-        )
+        decode = dict(guidance_scale=scale, steps=steps, upsampler_steps=upsampler_steps)
+        if system == DECODER_ALONE:  # unCLIP's decoder and upsampler given each caption's own image's z_i
+            unclip = systems["unclip"]
+            captions = [p for p in prompts for _ in range(per_caption)]
+            seeds = [seed + i for i in range(len(captions))]
+            images = unclip.decode(true_embeddings(rows, per_caption, unclip.raw), seeds, captions, **decode)
+        else:
+            images = systems[system].text_to_image(prompts, per_caption, seed, **decode)
         results.append(
             {
                 "system": system,
