@@ -611,7 +611,7 @@ def main_summary(summary: dict) -> str:
         if r["guidance"] == default:
             pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
             lines.append(
-                f"{r['split']:>8} {r['system']:<11} fidelity {_with_interval(r['fidelity'], r['fidelity_interval'])}  "
+                f"{r['split']:>8} {r['system']:<14} fidelity {_with_interval(r['fidelity'], r['fidelity_interval'])}  "
                 f"open diversity {_with_interval(r['open_diversity'], r['open_diversity_interval'])}  "
                 f"colour {pct(r['colour_accuracy'])}  shape {pct(r['shape_accuracy'])}  CLIP score {r['clip_score']:.3f}"
             )
