@@ -35,7 +35,7 @@ class EncoderSpec:
     model: str = "models/synthetic/clip"
     weights: str | None = None
     pretrained: str | None = None
-    precision: str = "auto"  # auto: bf16 on GPUs and AMX CPUs, else fp32
+    precision: str = "auto"  # auto: bf16 on GPUs and where embeddings/hardware.py measures it fast, else fp32
     device: str = "auto"
 
     def open_clip_name(self) -> str:

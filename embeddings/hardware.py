@@ -1,8 +1,9 @@
 """Which device and number format compute fastest here: one home for the bf16-or-not decision.
 
-bf16 is fast on CUDA GPUs and on CPUs with AMX tiles; on other CPUs it is emulated and several
-times slower than fp32. Rather than trust CPU flags (a virtual machine may hide or misreport them),
-`bf16_is_fast` times one matrix product in each format, once per process. A job whose workers must
+bf16 is fast on CUDA GPUs and on CPUs with AMX tiles (~6× fp32), about 2× on AMD's AVX512-BF16; on
+other CPUs it is emulated and several times slower than fp32. Rather than trust CPU flags (a virtual machine may hide or misreport them),
+`bf16_is_fast` times a matrix product in each format (the best of 5 rounds), once per process and
+device type. A job whose workers must
 agree (the embed job resuming its own shards) pins the format it recorded instead of measuring again.
 """
 
@@ -41,13 +42,13 @@ def bf16_is_fast(device_type: str = "cpu") -> bool:
     return best[torch.float32] >= 1.5 * best[torch.bfloat16]
 
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def precision_name(dtype: torch.dtype | str) -> str:
     """The precision name ('bf16', 'fp16', 'fp32') of a torch dtype or its name ('bfloat16')."""
     name = str(dtype).removeprefix("torch.")
-    for key, value in PRECISIONS.items():
+    for key, value in DTYPES.items():
         if str(value).removeprefix("torch.") == name:
             return key
     raise ValueError(f"no precision name for dtype {dtype!r}")
@@ -57,6 +58,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """'auto' → bf16 where it is fast, else fp32; or the named format ('bf16', 'fp16', 'fp32')."""
     if precision == "auto":
         return torch.bfloat16 if bf16_is_fast(device.type) else torch.float32
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: use auto, bf16, fp16 or fp32")
-    return PRECISIONS[precision]
+    if precision not in DTYPES:
+        raise ValueError(f"precision {precision!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[precision]

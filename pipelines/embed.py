@@ -296,7 +296,7 @@ def embed(
     """Embed every finished tar of `shards_dir` into `output_dir`; returns the manifest.
 
     `encoder` holds EncoderSpec fields (model, weights, pretrained, precision, device); precision auto, on a
-    folder whose manifest recorded a format, keeps that format (see _resume_precision). On a cluster
+    folder with finished shards, keeps the format they were computed in (see _resume_precision). On a cluster
     with GPUs there is one actor per GPU; otherwise one per node (see start_actors). `decoder`: 'auto'
     decodes JPEGs with torchvision on the GPU where the encoder runs on one (the CPUs then only read the
     tars) and with PIL in `decode_threads` threads elsewhere; 'torchvision' or 'pil' forces either
@@ -360,13 +360,30 @@ def embed(
 
 
 def _resume_precision(spec: dict, output_dir) -> dict:
-    """`spec` with precision 'auto' pinned to the format the folder's manifest recorded, so that the shards a
-    rerun adds are computed as the first run's were (auto measures the machine, and a busy machine may measure
-    otherwise); an explicit precision, or a folder without a manifest, is left as it is."""
-    if spec.get("precision", "auto") != "auto" or not (output_dir / store.MANIFEST).exists():
+    """`spec` for a rerun onto a folder with finished shards: precision 'auto' pinned to the format the folder's
+    manifest recorded, so that the shards it adds are computed as the first run's were (auto measures the
+    machine, and a busy machine may measure otherwise); an explicit precision that differs is refused."""
+    if not (output_dir / store.MANIFEST).exists() or not store.done_shards(output_dir):
         return spec
     recorded = store.read_manifest(output_dir)["encoder"].get("compute_dtype")
-    return {**spec, "precision": precision_name(recorded)} if recorded else spec
+    if recorded is None:  # written before the format was recorded
+        return spec
+    try:
+        kept = precision_name(recorded)
+    except ValueError as err:
+        raise ConfigError(
+            f"{output_dir}: the manifest's compute_dtype {recorded!r} is not one embed computes in"
+        ) from err
+    asked = EncoderSpec(**spec).precision
+    if asked == "auto":
+        print(f"[embed] precision auto keeps the format {output_dir} was embedded in: {recorded}", flush=True)
+        return {**spec, "precision": kept}
+    if asked != kept:
+        raise ConfigError(
+            f"{output_dir} holds shards computed in {recorded}; precision {asked} would add shards computed "
+            f"otherwise: set precision auto or {kept}, or start the folder again (`make reset-embeddings`)"
+        )
+    return spec
 
 
 def _count(tar) -> int:

@@ -274,6 +274,7 @@ def test_eval_compares_unclip_with_the_text_conditioned_baseline(trained, tiny_e
     expected = {(s, g, split) for s in ("unclip", "glide_like") for g in (1.0, 3.0) for split in ("val", "heldout")}
     at_default = {(s, 3.0, split) for s in ("unclip_full", "decoder_true_z") for split in ("val", "heldout")}
     assert cells == expected | at_default
+    assert summary["captions_per_set"] == 3 and summary["per_caption"] == 2
     for r in summary["results"]:
         assert r["images"] == 6  # 3 captions, 2 images each
         assert len(r["fidelity_per_caption"]) == 3 and 0 <= r["fidelity"] <= 1

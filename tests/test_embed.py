@@ -16,6 +16,7 @@ import pytest
 from embeddings import store
 from embeddings.config import ConfigError
 from embeddings.encoders import EncoderSpec, load_encoder
+from embeddings.hardware import precision_name
 from pipelines.embed import embed
 
 from .conftest import REPO, kill_session, vectors_by_key
@@ -57,7 +58,7 @@ def test_the_raw_clip_embeddings_are_recovered_from_the_norms(tiny_embed):
     tar = sorted(config.layout.shards.glob("*.tar"))[0]
     table = store.read_shard(config.layout.embeddings / f"{tar.stem}.parquet")
     raw_i, raw_t = store.raw_vectors(table, "image_embedding"), store.raw_vectors(table, "text_embedding")
-    precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[manifest["encoder"]["compute_dtype"]]
+    precision = precision_name(manifest["encoder"]["compute_dtype"])
     encoder = load_encoder({"model": config.embed["encoder"]["model"], "precision": precision})  # as the job ran
     samples = {s["key"]: s for s in iter_tar_samples(tar)}
     keys = table.column("key").to_pylist()[:6]
@@ -125,11 +126,12 @@ def test_killed_run_resumes_to_the_same_result(tiny_embed, tmp_path):
 
 def test_a_rerun_with_precision_auto_computes_in_the_format_the_folder_recorded(tiny_embed, tmp_path):
     """precision auto measures the machine, and a busy machine can measure otherwise: a rerun that finishes a
-    folder computes its missing shards in the format the manifest recorded, so they equal the first run's."""
+    folder computes its missing shards in the format the manifest recorded, so they equal the first run's; a
+    rerun that names the other format is refused before it adds a shard."""
     from embeddings.hardware import bf16_is_fast
 
     config, _ = tiny_embed
-    other = "fp32" if bf16_is_fast() else "bf16"  # the format auto would not choose on this machine
+    other, chosen = ("fp32", "bf16") if bf16_is_fast("cpu") else ("bf16", "fp32")  # auto chooses `chosen` here
     out, model = tmp_path / other, config.embed["encoder"]["model"]
     embed(config.layout.shards, out, encoder={"model": model, "precision": other}, batch_size=32)
     first = vectors_by_key(out)
@@ -139,9 +141,26 @@ def test_a_rerun_with_precision_auto_computes_in_the_format_the_folder_recorded(
 
     manifest = embed(config.layout.shards, out, encoder={"model": model}, batch_size=32)
     again = vectors_by_key(out)
-    assert manifest["encoder"]["compute_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[other]
+    assert precision_name(manifest["encoder"]["compute_dtype"]) == other
     assert again.keys() == first.keys()
     assert max(np.abs(first[k] - again[k]).max() for k in first) == 0
+    lost.unlink()
+    (out / lost.name.replace(".parquet", "_record.json")).unlink()
+    with pytest.raises(ConfigError, match=f"holds shards computed in .*precision {chosen} would add"):
+        embed(config.layout.shards, out, encoder={"model": model, "precision": chosen}, batch_size=32)
+    assert not lost.exists()
+
+
+def test_precision_names_and_dtypes_agree():
+    import torch
+
+    from embeddings.hardware import DTYPES, resolve_dtype
+
+    for name, dtype in DTYPES.items():
+        assert precision_name(dtype) == precision_name(str(dtype).removeprefix("torch.")) == name
+        assert resolve_dtype(name, torch.device("cpu")) is dtype
+    with pytest.raises(ValueError, match="float64"):
+        precision_name("float64")
 
 
 def test_corrupt_image_in_a_tar_is_skipped_and_counted(tiny_embed, tmp_path):
@@ -173,7 +192,7 @@ def test_torchvision_decoding_embeds_what_pil_does_and_hands_it_what_it_cannot_r
     from PIL import Image
 
     config, _ = tiny_embed
-    model = {"model": config.embed["encoder"]["model"]}
+    model = config.embed["encoder"]
     embed(config.layout.shards, tmp_path / "tv", encoder=model, decoder="torchvision")
     reference, decoded = vectors_by_key(config.layout.embeddings), vectors_by_key(tmp_path / "tv")
     assert decoded.keys() == reference.keys()

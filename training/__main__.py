@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--before", required=True, help="the eval folder of the models before the change")
     p.add_argument("--after", required=True, help="the eval folder of the models after it")
-    p.add_argument("--system", default="unclip", choices=("unclip", "glide_like", "unclip_full"), help="whose cells")
+    p.add_argument(
+        "--system",
+        default="unclip",
+        choices=("unclip", "glide_like", "unclip_full", "decoder_true_z"),
+        help="whose cells",
+    )
     p.add_argument("--out", help="also write the table to this file")
     p = sub.add_parser("export-diffusers", help="exported models as folders diffusers' pipelines load")
     p.add_argument("--models", help="folder holding prior/ (default: models/<data set>)")

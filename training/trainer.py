@@ -41,7 +41,7 @@ def check_precision(precision: str | int) -> str:
 
 def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
     """A checked precision as Lightning names it: 'auto' → 'bf16-mixed' on GPUs and on CPUs where bf16 is fast
-    (AMX, measured by embeddings/hardware.py), else '32-true'; '32' → '32-true'."""
+    (AMX, AVX512-BF16: measured by embeddings/hardware.py), else '32-true'; '32' → '32-true'."""
     precision = check_precision(precision)
     if precision == "auto":
         return "bf16-mixed" if on_gpu(accelerator) or bf16_is_fast("cpu") else "32-true"

@@ -23,9 +23,10 @@ training image for fidelity and open diversity.
 
 Both systems go through the same upsampler without an image embedding, so the comparison is between
 the decoders; `unclip_full` is the whole unCLIP chain (its upsampler reading z_i) at the default scale.
-`decoder_true_z` judges the decoder alone, as the prior was: unCLIP's decoder and upsampler given each
-caption's own image's z_i at the default scale, so a loss in `unclip` shows whether it is the prior's or
-the decoder's (its open diversity is the decoder's own spread around one z_i).
+`decoder_true_z` judges the decoder alone, as the prior was: unCLIP's decoder given each caption's own
+image's z_i in place of the prior's sample, at the default scale, through the same upsampler without an
+embedding as the `unclip` rows (and the same seeds), so a loss in `unclip` shows whether it is the prior's
+or the decoder's (its open diversity is the decoder's own spread around one z_i).
 """
 
 from __future__ import annotations
@@ -209,15 +210,16 @@ def evaluate(
         systems["unclip_full"] = full
         jobs += [("unclip_full", default_scale, split) for split in sets]
     jobs += [(DECODER_ALONE, default_scale, split) for split in sets]
+    # Read before any cell is drawn, so that embeddings without the norms a raw decoder needs fail first.
+    true_z = {split: true_embeddings(rows, per_caption, systems["unclip"].raw) for split, (rows, _) in sets.items()}
     for system, scale, split in tqdm(jobs, desc="eval", unit="cell"):
         rows, real = sets[split]
         prompts = [r["caption"] for r in rows]
         decode = dict(guidance_scale=scale, steps=steps, upsampler_steps=upsampler_steps)
-        if system == DECODER_ALONE:  # unCLIP's decoder and upsampler given each caption's own image's z_i
-            unclip = systems["unclip"]
-            captions = [p for p in prompts for _ in range(per_caption)]
-            seeds = [seed + i for i in range(len(captions))]
-            images = unclip.decode(true_embeddings(rows, per_caption, unclip.raw), seeds, captions, **decode)
+        if system == DECODER_ALONE:  # as the unclip rows, with each caption's own image's z_i for the prior's
+            repeated = [p for p in prompts for _ in range(per_caption)]
+            seeds = [seed + i for i in range(len(repeated))]
+            images = systems["unclip"].decode(true_z[split], seeds, repeated, **decode)
         else:
             images = systems[system].text_to_image(prompts, per_caption, seed, **decode)
         results.append(
@@ -547,7 +549,7 @@ def plot_guidance(results: list[dict], path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.4))
     combos = sorted({(r["system"], r["split"]) for r in results})
-    for (system, split), style in zip(combos, itertools.cycle(("-o", "--o", "-s", "--s", "-^", "--^"))):
+    for (system, split), style in zip(combos, itertools.cycle(("-o", "--o", "-s", "--s", "-^", "--^", "-D", "--D"))):
         points = sorted(
             (r for r in results if r["system"] == system and r["split"] == split), key=lambda r: r["guidance"]
         )
