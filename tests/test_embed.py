@@ -304,3 +304,27 @@ def test_shards_without_norm_columns_are_refused_by_name_before_raw_training(tin
     pq.write_table(store.read_shard(shards[0].path).drop_columns(["text_norm"]), old)
     with pytest.raises(ConfigError, match=r"00000.parquet carry no text_norm column"):
         require_norm_columns(shards[1:] + [Shard(str(old), shards[0].count)])
+
+
+def test_embedding_actors_that_chose_different_formats_are_refused(ray_local):
+    """Each actor resolves precision auto itself; a job whose actors disagree would mix formats in one folder."""
+    import ray
+
+    from pipelines.embed import live_actors
+
+    @ray.remote(num_cpus=0)
+    class Measured:
+        def __init__(self, compute_dtype: str):
+            self.compute_dtype = compute_dtype
+
+        def info(self) -> dict:
+            return {"compute_dtype": self.compute_dtype}
+
+    agreeing = [Measured.remote("float32"), Measured.remote("float32")]
+    live, info = live_actors(agreeing)
+    assert len(live) == 2 and info == {"compute_dtype": "float32"}
+    disagreeing = [Measured.remote("float32"), Measured.remote("bfloat16")]
+    with pytest.raises(ConfigError, match=r"different number formats \(bfloat16, float32\)"):
+        live_actors(disagreeing)
+    for actor in agreeing + disagreeing:
+        ray.kill(actor)
