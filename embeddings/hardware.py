@@ -1,10 +1,10 @@
 """Which device and number format compute fastest here: one home for the bf16-or-not decision.
 
 bf16 is fast on CUDA GPUs and on CPUs with AMX tiles (~6× fp32), about 2× on AMD's AVX512-BF16; on
-other CPUs it is emulated and several times slower than fp32. Rather than trust CPU flags (a virtual machine may hide or misreport them),
-`bf16_is_fast` times a matrix product in each format (the best of 5 rounds), once per process and
-device type. A job whose workers must
-agree (the embed job resuming its own shards) pins the format it recorded instead of measuring again.
+other CPUs it is emulated and several times slower than fp32. Rather than trust CPU flags (a virtual
+machine may hide or misreport them), `bf16_is_fast` times a matrix product in each format (the best of
+5 rounds), once per process and device type. A job whose workers must agree (the embed job resuming its
+own shards) pins the format it recorded instead of measuring again.
 """
 
 from __future__ import annotations

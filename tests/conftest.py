@@ -78,8 +78,9 @@ def tiny_embed(tiny_download, tiny_clip_dir):
     from pipelines.data_config import run_embed
 
     config, _, _ = tiny_download
-    # fp32 whatever the machine: tests compare these vectors with other runs' (bf16 on AMX CPUs rounds
-    # differently with each batch's composition, ~5e-3 on the tiny CLIP).
+    # fp32 whatever the machine: tests compare these vectors with other runs', and where bf16 is only ~2×
+    # fp32 (AVX512-BF16) precision auto can choose differently in two processes (the tiny CLIP's bf16 and
+    # fp32 vectors differ by ~5e-3).
     encoder = {"model": str(tiny_clip_dir), "precision": "fp32"}
     config = replace(config, embed={"encoder": encoder, "batch_size": 32})
     return config, run_embed(config)
