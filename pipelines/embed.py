@@ -312,12 +312,12 @@ def embed(
     spec = dict(encoder or {})
     EncoderSpec(**spec)  # unknown keys fail here, before Ray starts
     shards_dir, output_dir = storage.absolute(shards_dir), storage.absolute(output_dir)
-    spec = _resume_precision(spec, output_dir)
     tars = finished_tars(shards_dir)  # img2dataset writes a tar's _stats.json after the tar
     if not tars:
         raise ConfigError(f"no webdataset shards in {shards_dir}: run `make download` first")
     storage.make_folder(output_dir)
     done = store.done_shards(output_dir)
+    spec = _resume_precision(spec, output_dir, bool(done))
     todo = [t for t in tars if store.shard_name(t) not in done]
     if not todo and (output_dir / store.MANIFEST).exists():  # nothing to embed: no Ray, just the check
         manifest = store.read_manifest(output_dir)
@@ -359,11 +359,11 @@ def embed(
     return manifest
 
 
-def _resume_precision(spec: dict, output_dir) -> dict:
-    """`spec` for a rerun onto a folder with finished shards: precision 'auto' pinned to the format the folder's
+def _resume_precision(spec: dict, output_dir, has_shards: bool) -> dict:
+    """`spec` for a rerun onto a folder with finished shards (`has_shards`): precision 'auto' pinned to the format the folder's
     manifest recorded, so that the shards it adds are computed as the first run's were (auto measures the
     machine, and a busy machine may measure otherwise); an explicit precision that differs is refused."""
-    if not (output_dir / store.MANIFEST).exists() or not store.done_shards(output_dir):
+    if not has_shards or not (output_dir / store.MANIFEST).exists():
         return spec
     recorded = store.read_manifest(output_dir)["encoder"].get("compute_dtype")
     if recorded is None:  # written before the format was recorded

@@ -134,16 +134,23 @@ class UnCLIP:
     # -- the four uses ----------------------------------------------------------------------------------
 
     def text_to_image(
-        self, prompts: list[str], n: int = 4, seed: int = 0, prior_guidance: float | None = None, **decode
+        self,
+        prompts: list[str],
+        n: int = 4,
+        seed: int = 0,
+        prior_guidance: float | None = None,
+        z: torch.Tensor | None = None,
+        **decode,
     ) -> np.ndarray:
         """n images per prompt (prompt-major): text → prior → decoder → upsampler.
 
-        A decoder conditioned on text (the GLIDE-like baseline) skips the prior."""
+        A decoder conditioned on text (the GLIDE-like baseline) skips the prior; `z` (len(prompts)·n, D), in the
+        decoder's space, is decoded in place of the prior's samples, with the same seeds (the decoder judged alone)."""
         prompts = [p for p in prompts for _ in range(n)]
         seeds = [seed + i for i in range(len(prompts))]
-        if self.decoder.condition == "text":
+        if z is None and self.decoder.condition == "text":
             z = self.embed_texts(prompts, raw=self.raw)
-        else:
+        elif z is None:
             z = self.prior_embeddings(prompts, seeds, prior_guidance)
         return self.decode(z, seeds, prompts, **decode)
 

@@ -215,13 +215,16 @@ def evaluate(
     for system, scale, split in tqdm(jobs, desc="eval", unit="cell"):
         rows, real = sets[split]
         prompts = [r["caption"] for r in rows]
-        decode = dict(guidance_scale=scale, steps=steps, upsampler_steps=upsampler_steps)
-        if system == DECODER_ALONE:  # as the unclip rows, with each caption's own image's z_i for the prior's
-            repeated = [p for p in prompts for _ in range(per_caption)]
-            seeds = [seed + i for i in range(len(repeated))]
-            images = systems["unclip"].decode(true_z[split], seeds, repeated, **decode)
-        else:
-            images = systems[system].text_to_image(prompts, per_caption, seed, **decode)
+        alone = system == DECODER_ALONE  # the unclip rows' system, given each caption's own image's z_i
+        images = systems["unclip" if alone else system].text_to_image(
+            prompts,
+            per_caption,
+            seed,
+            z=true_z[split] if alone else None,
+            guidance_scale=scale,
+            steps=steps,
+            upsampler_steps=upsampler_steps,
+        )
         results.append(
             {
                 "system": system,
